@@ -194,7 +194,7 @@ class TrialConfig:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | None) -> "TrialConfig":
         """Build and validate a config; missing keys take their defaults, unknown ones are errors."""
-        cfg = _build(cls, raw or {}, "")
+        cfg = build_dataclass(cls, raw or {}, "")
         cfg.check()
         return cfg
 
@@ -243,7 +243,8 @@ def field_paths(cls: type = TrialConfig, prefix: str = "") -> dict[str, Any]:
 
 
 # ---- conversion with one-line errors --------------------------------------------------------------
-def _build(cls: type, raw: Any, path: str):
+def build_dataclass(cls: type, raw: Any, path: str = ""):
+    """Any config dataclass from a plain mapping: unknown keys and wrong types raise ConfigError."""
     where = path.rstrip(".") or "config"
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: must be a mapping, got {type(raw).__name__}")
@@ -260,7 +261,7 @@ def _build(cls: type, raw: Any, path: str):
 
 def _convert(tp: Any, value: Any, path: str) -> Any:
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, f"{path}.")
+        return build_dataclass(tp, value, f"{path}.")
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -85,8 +86,16 @@ class Trainer:
         """The weights to evaluate and sample from: the EMA when there is one."""
         return self.ema.module if self.ema is not None else self.model
 
-    def score_fn(self) -> ScoreFn:
-        return score_fn(self.eval_model, self.sde)
+    @contextmanager
+    def evaluating(self) -> Iterator[ScoreFn]:
+        """The evaluation weights' score function, in eval mode (no dropout) for the duration."""
+        model = self.eval_model
+        was_training = model.training
+        model.eval()
+        try:
+            yield score_fn(model, self.sde)
+        finally:
+            model.train(was_training)
 
     # ---- training ---------------------------------------------------------------------------------
     def _draw_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -115,19 +124,15 @@ class Trainer:
 
     @torch.no_grad()
     def val_dsm(self) -> float:
-        model = self.eval_model
-        was_training = model.training
-        model.eval()
-        losses = []
         x0, t, z = self._val_batch
         chunk = max(self.cfg.train.batch_size, 64)
-        for i in range(0, len(x0), chunk):
-            sl = slice(i, i + chunk)
-            loss = dsm_loss(score_fn(model, self.sde), self.sde, x0[sl].to(self.device),
-                            t[sl].to(self.device), z[sl].to(self.device))
-            losses.append(loss.item() * len(x0[sl]))
-        model.train(was_training)
-        return sum(losses) / len(x0)
+        total = 0.0
+        with self.evaluating() as score:
+            for i in range(0, len(x0), chunk):
+                sl = slice(i, i + chunk)
+                loss = dsm_loss(score, self.sde, x0[sl].to(self.device), t[sl].to(self.device), z[sl].to(self.device))
+                total += loss.item() * len(x0[sl])
+        return total / len(x0)
 
     def run(self, until_step: int | None = None) -> Iterator[dict[str, Any]]:
         """Train up to `until_step` (default: the configured length), yielding metric records."""

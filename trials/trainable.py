@@ -1,0 +1,91 @@
+"""The one adapter between a trial and Ray Tune.
+
+`run_trial` is the function Tune runs for each sampled config: it builds the trial's `TrialConfig`, trains
+with `Trainer`, and at every rung (each `train.val_every` steps) scores the EMA model with the shared
+likelihood evaluator at fast fidelity and calls `tune.report` with the metrics and a checkpoint. Everything
+else in trials/ is plain PyTorch; this is the only module that imports Ray.
+
+`rescore_checkpoint` is what the driver runs (as a Ray task) on the best trials after the search: the same
+evaluator at accurate fidelity on a trial's last checkpoint. It lives here so that the driver never has to
+build a model itself.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from ray import tune
+
+from trials.config import TrialConfig
+from trials.data import MnistData
+from trials.likelihood import BPDResult, LikelihoodEvaluator
+from trials.sde import VPSDE
+from trials.train import Trainer, eval_model_from_checkpoint, load_checkpoint
+from trials.model import score_fn
+
+CHECKPOINT_FILE = "trainer.pt"
+
+
+class TrialSpace(Protocol):
+    """What the driver hands in to turn sampled hyperparameters into a complete config."""
+
+    def trial_config(self, params: dict[str, Any]) -> TrialConfig: ...
+
+
+def run_trial(params: dict[str, Any], *, space: TrialSpace, data: MnistData, evaluator: LikelihoodEvaluator) -> None:
+    cfg = space.trial_config(params)
+    trainer = Trainer(cfg, data)
+    seconds_before = 0.0
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:  # a retry after a failure, or a resumed experiment
+        with checkpoint.as_directory() as folder:
+            state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+        trainer.load_state_dict(state)
+        seconds_before = float(state.get("seconds", 0.0))
+
+    start = time.perf_counter()
+    for record in trainer.run():
+        if record["diverged"]:
+            # inf, not a large number: no searcher or table can mistake it for a real score.
+            tune.report({"step": record["step"], "val_bpd": math.inf, "diverged": True, "reason": record["reason"],
+                         "seconds": seconds_before + time.perf_counter() - start})
+            return
+        if "val_dsm" not in record:
+            continue
+        with trainer.evaluating() as score:
+            bpd = evaluator.evaluate(score, trainer.sde, cfg.sde.sampling_eps, "fast", device=trainer.device)
+        metrics = {
+            "step": record["step"],
+            "train_loss": record["train_loss"],
+            "val_dsm": record["val_dsm"],
+            "val_bpd": bpd.mean,
+            "val_bpd_stderr": bpd.stderr,
+            "nfe": bpd.nfe,
+            "eval_seconds": bpd.seconds,
+            "images_per_sec": record["images_per_sec"],
+            "seconds": seconds_before + time.perf_counter() - start,
+            "diverged": False,
+            "bpd_failed": bpd.failed,
+            "reason": bpd.reason or "",
+        }
+        with tempfile.TemporaryDirectory() as folder:
+            state = trainer.state_dict()
+            state["seconds"] = metrics["seconds"]
+            torch.save(state, Path(folder) / CHECKPOINT_FILE)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def rescore_checkpoint(checkpoint_dir: str, evaluator: LikelihoodEvaluator, device: str = "auto") -> dict[str, Any]:
+    """Accurate-fidelity val bits/dim of a trial's checkpoint (its EMA weights), as a plain dict."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    ckpt = load_checkpoint(Path(checkpoint_dir) / CHECKPOINT_FILE)
+    cfg, model = eval_model_from_checkpoint(ckpt, device)
+    sde = VPSDE(cfg.sde.beta_min, cfg.sde.beta_max, cfg.sde.T)
+    result: BPDResult = evaluator.evaluate(score_fn(model, sde), sde, cfg.sde.sampling_eps, "accurate", device=device)
+    return {**result.to_dict(), "step": int(ckpt["step"])}

@@ -1,0 +1,275 @@
+"""The tuning driver: start or join Ray, run the search, re-score the best trials, export, log to MLflow.
+
+One call, `run(options)`, does one experiment:
+  1. validate the space and the CLI (one-line errors before anything starts or is written);
+  2. start a local Ray or join a cluster; load the data and build the shared evaluator once, and hand
+     both to every trial through the object store (`tune.with_parameters`);
+  3. `Tuner.fit` with Optuna's TPE (or random search) and ASHA (or FIFO) on val bits/dim at fast fidelity,
+     with an MLflow callback that writes a child run per trial;
+  4. re-score the top k trials' checkpoints at accurate fidelity (as Ray tasks, so the driver never builds
+     a model) and export `trials.csv` and `best_config.yaml`, attached to the MLflow parent run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from trials.data import load_data
+from trials.likelihood import LikelihoodEvaluator
+from trials.trainable import rescore_checkpoint, run_trial
+from tuner.export import Export, rank_candidates, trials_table, write_outputs
+from tuner.space import METRIC, MODE, SearchSpace, load_space
+from tuner.tracking import ExperimentTracker, MlflowTrialLogger, default_tracking_uri, trial_status
+
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(ValueError):
+    """The command line asks for something impossible; one line, exit 2."""
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    space: Path
+    name: str | None = None
+    storage: Path = Path("runs")
+    num_samples: int | None = None
+    time_budget: float | None = None
+    max_concurrent: int | None = None
+    seed: int | None = None
+    data: str | None = None
+    data_root: str | None = None
+    download: bool = False
+    mlflow_uri: str | None = None
+    address: str | None = None
+    resume: bool = False
+    top_k: int | None = None
+
+
+def prepare(options: TuneOptions) -> tuple[SearchSpace, Path]:
+    """Everything that can be checked before Ray starts: the space, the CLI overrides, the folder."""
+    space = with_cli_overrides(load_space(options.space), options)
+    experiment_dir = (options.storage / space.name).resolve()
+    started = (experiment_dir / "tuner.pkl").exists()
+    if options.resume and not started:
+        raise UsageError(f"--resume: no experiment to resume at {experiment_dir} (run without --resume to start it)")
+    if not options.resume and started:
+        raise UsageError(f"experiment {space.name!r} already exists at {experiment_dir}: "
+                         "add --resume to continue it, or pick another --name")
+    return space, experiment_dir
+
+
+def with_cli_overrides(space: SearchSpace, options: TuneOptions) -> SearchSpace:
+    search = space.search
+    for field, value in (("num_samples", options.num_samples), ("time_budget_s", options.time_budget),
+                         ("max_concurrent", options.max_concurrent), ("seed", options.seed), ("top_k", options.top_k)):
+        if value is not None:
+            if value <= 0 and field != "seed":
+                raise UsageError(f"--{field.replace('_s', '').replace('_', '-')}: must be > 0, got {value}")
+            search = dataclasses.replace(search, **{field: value})
+    fixed = {k: dict(v) if isinstance(v, dict) else v for k, v in space.fixed.items()}
+    data = dict(fixed.get("data") or {})
+    if options.data is not None:
+        data["name"] = options.data
+    if options.data_root is not None:
+        data["root"] = options.data_root
+    if options.download:
+        data["download"] = True
+    fixed["data"] = data
+    train = dict(fixed.get("train") or {})
+    if not train.get("num_threads"):
+        # A trial gets as many torch threads as CPUs it owns; torch's default (all cores) would make
+        # concurrent trials fight over them.
+        train["num_threads"] = max(1, int(space.resources.cpus_per_trial))
+    fixed["train"] = train
+    space = dataclasses.replace(space, name=options.name or space.name, search=search, fixed=fixed)
+    space.base_config  # re-validate: --data mnist without --data-root is caught here, before Ray starts
+    return space
+
+
+def run(options: TuneOptions) -> int:
+    space, experiment_dir = prepare(options)
+    base = space.base_config
+    data = load_data(base.data)
+    storage = options.storage.resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+    tracking_uri = options.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(storage)
+
+    _start_ray(options.address)
+    evaluator = LikelihoodEvaluator.build(data.val, base.eval, base.data.centered)
+    gpus = _gpus_per_trial(space)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, space=space, data=data, evaluator=evaluator),
+        {"cpu": space.resources.cpus_per_trial, "gpu": gpus})
+
+    tracker = ExperimentTracker(tracking_uri, experiment_dir, space.name, storage)
+    tracker.log_experiment(_experiment_params(space), {"space_file": space.source, "space_sha256": space.sha256})
+    print(f"MLflow: {tracking_uri} (experiment {tracker.experiment_id}, parent run {tracker.parent_run_id})", flush=True)
+
+    _forward_sigterm_as_sigint()
+    if options.resume:
+        print(f"Resuming {experiment_dir}", flush=True)
+        tuner = tune.Tuner.restore(str(experiment_dir), trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={} if space.search.algorithm == "tpe" else space.to_ray(),
+            tune_config=_tune_config(space),
+            run_config=tune.RunConfig(
+                name=space.name,
+                storage_path=str(storage),
+                callbacks=[MlflowTrialLogger(tracking_uri, experiment_dir, space.name, storage, space,
+                                             base.train.steps)],
+                failure_config=tune.FailureConfig(max_failures=space.search.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                verbose=1,
+            ),
+        )
+    tuner.fit()
+
+    analysis = tune.ExperimentAnalysis(str(experiment_dir), default_metric=METRIC, default_mode=MODE)
+    statuses = {t.trial_id: trial_status(t, base.train.steps) for t in analysis.trials}
+    if any(s == "interrupted" for s in statuses.values()) and not _budget_spent(space, analysis):
+        tracker.finish("KILLED")
+        print(f"\nInterrupted; state saved in {experiment_dir}.\n"
+              f"Continue with: python tune.py --space {options.space} --name {space.name} "
+              f"--storage {options.storage} --resume", flush=True)
+        return EXIT_INTERRUPTED
+
+    candidates = rank_candidates(analysis, statuses, space.search.top_k)
+    rescores = _rescore(candidates, evaluator, space, gpus)
+    table = trials_table(analysis, space, statuses, rescores, tracker.child_run_ids())
+    export = write_outputs(experiment_dir, space, table, rescores, analysis, tracker)
+    _print_summary(table, export, tracking_uri)
+    tracker.finish("FINISHED")
+    return 0
+
+
+# ---- pieces -------------------------------------------------------------------------------------
+def _start_ray(address: str | None) -> None:
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        # Ship this checkout's trials/ and tuner/ so the cluster runs the driver's code version.
+        import trials
+        import tuner
+
+        ctx = ray.init(address=address, runtime_env={"py_modules": [trials, tuner]}, log_to_driver=True)
+    else:
+        ctx = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+    url = getattr(ctx, "dashboard_url", None)
+    print(f"Ray dashboard: http://{url}" if url else "Ray dashboard: not running on this cluster", flush=True)
+
+
+def _gpus_per_trial(space: SearchSpace) -> float:
+    if space.resources.gpus_per_trial <= 0:
+        return 0.0
+    if ray.cluster_resources().get("GPU", 0) <= 0:
+        # A GPU request on a CPU-only cluster would leave every trial pending forever.
+        print(f"No GPUs in this Ray cluster: trials run on CPU (ignoring gpus_per_trial={space.resources.gpus_per_trial})",
+              flush=True)
+        return 0.0
+    return space.resources.gpus_per_trial
+
+
+def _tune_config(space: SearchSpace) -> tune.TuneConfig:
+    s = space.search
+    if s.algorithm == "tpe":
+        import optuna
+
+        searcher = ConcurrencyLimiter(
+            OptunaSearch(space=space.to_optuna(), metric=METRIC, mode=MODE,
+                         sampler=optuna.samplers.TPESampler(seed=s.seed)),
+            max_concurrent=s.max_concurrent)
+    else:
+        searcher = BasicVariantGenerator(random_state=s.seed, max_concurrent=s.max_concurrent)
+    if s.scheduler == "asha":
+        scheduler = ASHAScheduler(time_attr="step", max_t=space.base_config.train.steps,
+                                  grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+    return tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
+                           num_samples=s.num_samples, time_budget_s=s.time_budget_s)
+
+
+def _experiment_params(space: SearchSpace) -> dict[str, Any]:
+    params = {f"search.{k}": v for k, v in dataclasses.asdict(space.search).items()}
+    params.update({f"resources.{k}": v for k, v in dataclasses.asdict(space.resources).items()})
+    params.update({f"space.{hp.name}": f"{hp.kind} {list(hp.values) if hp.kind == 'choice' else [hp.low, hp.high]}"
+                   for hp in space.hyperparameters})
+    return params
+
+
+def _forward_sigterm_as_sigint() -> None:
+    """Tune saves its state and stops cleanly on SIGINT; give SIGTERM (docker stop, kill) the same path."""
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+
+
+def _budget_spent(space: SearchSpace, analysis) -> bool:
+    if space.search.time_budget_s is None:
+        return False
+    return any(t.last_result.get("time_total_s", 0) for t in analysis.trials) and \
+        _experiment_seconds(analysis) >= 0.95 * space.search.time_budget_s
+
+
+def _experiment_seconds(analysis) -> float:
+    starts = [t.last_result.get("timestamp", 0) - t.last_result.get("time_total_s", 0) for t in analysis.trials if t.last_result]
+    ends = [t.last_result.get("timestamp", 0) for t in analysis.trials if t.last_result]
+    return (max(ends) - min(starts)) if starts else 0.0
+
+
+def _rescore(candidates: list[tuple[Any, str]], evaluator: LikelihoodEvaluator, space: SearchSpace,
+             gpus: float) -> dict[str, dict[str, Any]]:
+    """Accurate-fidelity val bits/dim of each candidate's last checkpoint, as parallel Ray tasks."""
+    if not candidates:
+        return {}
+    print(f"\nRe-scoring the top {len(candidates)} trials at accurate fidelity "
+          f"({space.base_config.eval.accurate.n_images} images, rtol={space.base_config.eval.accurate.rtol:g}) ...",
+          flush=True)
+    task = ray.remote(num_cpus=space.resources.cpus_per_trial, num_gpus=gpus)(_rescore_in_worker)
+    evaluator_ref = ray.put(evaluator)
+    refs = {trial.trial_id: task.remote(path, evaluator_ref, space.resources.cpus_per_trial) for trial, path in candidates}
+    out = {}
+    for trial_id, ref in refs.items():
+        out[trial_id] = ray.get(ref)
+        r = out[trial_id]
+        status = f"failed: {r['reason']}" if r["failed"] else f"{r['mean']:.4f} ± {r['stderr']:.4f} bits/dim, NFE {r['nfe']}"
+        print(f"  {trial_id}: {status}", flush=True)
+    return out
+
+
+def _rescore_in_worker(checkpoint_dir: str, evaluator: LikelihoodEvaluator, cpus: float) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(max(1, int(cpus)))
+    return rescore_checkpoint(checkpoint_dir, evaluator)
+
+
+def _print_summary(table, export: Export, tracking_uri: str) -> None:
+    import pandas as pd
+
+    columns = [c for c in ["trial_id", "status", *export.hyperparameter_columns, "val_bpd_last", "val_bpd_accurate",
+                           "steps", "seconds"] if c in table.columns]
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
+        print("\nBest trials:")
+        print(table[columns].head(5).to_string(index=False))
+    print(f"\nWinner: {export.winner_id} with val bits/dim {export.winner_bpd:.4f} ({export.winner_fidelity} fidelity)")
+    print("Wrote:")
+    for label, path in export.paths.items():
+        print(f"  {label:<12} {path}")
+    local = tracking_uri.startswith("sqlite:")
+    print(f"  {'mlflow':<12} {tracking_uri}" + (f"   (browse: mlflow ui --backend-store-uri {tracking_uri})" if local else ""))
+    print(f"Full run: python train.py --config {export.paths['best_config']}")
+    sys.stdout.flush()

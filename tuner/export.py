@@ -1,0 +1,175 @@
+"""What a finished search leaves behind: the trials table, the winner's config, and their provenance.
+
+  trials.csv        one row per trial: hyperparameters, status, last/best fast val bits/dim, the accurate
+                    re-score where one was made, steps, seconds, MLflow run id
+  best_config.yaml  the winner's complete TrialConfig (what `train.py --config` loads unchanged) plus a
+                    `provenance` section: scores, trial and MLflow ids, code version, space-file hash
+  rescores.json     the accurate re-scores with their solver settings and NFE
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import math
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from tuner.space import SearchSpace
+
+NOT_CANDIDATES = ("errored", "diverged")
+
+
+@dataclass
+class Export:
+    winner_id: str
+    winner_bpd: float
+    winner_fidelity: str  # "accurate" when the re-score worked, else "fast"
+    paths: dict[str, Path] = field(default_factory=dict)
+    hyperparameter_columns: list[str] = field(default_factory=list)
+
+
+def rank_candidates(analysis, statuses: dict[str, str], top_k: int) -> list[tuple[Any, str]]:
+    """The top k trials by their last fast val bits/dim (the score of the checkpoint they leave)."""
+    scored = []
+    for trial in analysis.trials:
+        bpd = (trial.last_result or {}).get("val_bpd")
+        if statuses.get(trial.trial_id) in NOT_CANDIDATES or not _finite(bpd):
+            continue
+        checkpoint = analysis.get_last_checkpoint(trial)
+        if checkpoint is not None:
+            scored.append((bpd, trial, checkpoint.path))
+    scored.sort(key=lambda item: item[0])
+    return [(trial, path) for _, trial, path in scored[:top_k]]
+
+
+def trials_table(analysis, space: SearchSpace, statuses: dict[str, str], rescores: dict[str, dict],
+                 run_ids: dict[str, str]) -> pd.DataFrame:
+    histories = analysis.trial_dataframes
+    rows = []
+    for trial in analysis.trials:
+        last = trial.last_result or {}
+        history = histories.get(trial.trial_id)
+        reported = history["val_bpd"] if history is not None and "val_bpd" in history else pd.Series(dtype=float)
+        rescore = rescores.get(trial.trial_id, {})
+        row = {"trial_id": trial.trial_id, "status": statuses.get(trial.trial_id, "unknown")}
+        for hp in space.hyperparameters:
+            value = hp.decode(trial.config[hp.name]) if hp.name in trial.config else None
+            row[hp.name] = json.dumps(list(value)) if isinstance(value, (list, tuple)) else value
+        row.update({
+            "val_bpd_last": last.get("val_bpd", math.nan),
+            "val_bpd_best": reported.replace([math.inf], math.nan).min() if len(reported) else math.nan,
+            "val_bpd_accurate": math.nan if rescore.get("failed", True) else rescore["mean"],
+            "val_bpd_accurate_stderr": rescore.get("stderr", math.nan),
+            "accurate_nfe": rescore.get("nfe", math.nan),
+            "steps": last.get("step", 0),
+            "seconds": last.get("seconds", math.nan),
+            "mlflow_run_id": run_ids.get(trial.trial_id, ""),
+            "reason": last.get("reason", "") or rescore.get("reason") or "",
+        })
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    return table.sort_values(["val_bpd_accurate", "val_bpd_last"], na_position="last", kind="stable").reset_index(drop=True)
+
+
+def write_outputs(experiment_dir: Path, space: SearchSpace, table: pd.DataFrame, rescores: dict[str, dict],
+                  analysis, tracker) -> Export:
+    experiment_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"trials_csv": experiment_dir / "trials.csv"}
+    _atomic_write(paths["trials_csv"], table.to_csv(index=False))
+    paths["rescores"] = experiment_dir / "rescores.json"
+    _atomic_write(paths["rescores"], json.dumps(rescores, indent=2, default=str))
+
+    export = _pick_winner(table, rescores)
+    export.hyperparameter_columns = [hp.name for hp in space.hyperparameters]
+    artifacts = [paths["trials_csv"], paths["rescores"]]
+    if export is not None and export.winner_id:
+        trial = next(t for t in analysis.trials if t.trial_id == export.winner_id)
+        config = space.trial_config(trial.config).to_dict()
+        winner_row = table[table.trial_id == export.winner_id].iloc[0]
+        rescore = rescores.get(export.winner_id, {})
+        config["provenance"] = {
+            "experiment": space.name,
+            "trial_id": export.winner_id,
+            "val_bpd_fast": _plain(winner_row["val_bpd_last"]),
+            "val_bpd_accurate": _plain(winner_row["val_bpd_accurate"]),
+            "val_bpd_accurate_stderr": _plain(winner_row["val_bpd_accurate_stderr"]),
+            "accurate_fidelity": rescore.get("fidelity"),
+            "steps_trained": int(winner_row["steps"]),
+            "checkpoint": str(analysis.get_last_checkpoint(trial).path) if analysis.get_last_checkpoint(trial) else None,
+            "mlflow_tracking_uri": tracker.tracking_uri,
+            "mlflow_experiment_id": tracker.experiment_id,
+            "mlflow_parent_run_id": tracker.parent_run_id,
+            "mlflow_run_id": str(winner_row["mlflow_run_id"]),
+            "space_file": space.source,
+            "space_sha256": space.sha256,
+            "code_version": code_version(),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        paths["best_config"] = experiment_dir / "best_config.yaml"
+        header = (f"# Best config of tuning experiment '{space.name}' (trial {export.winner_id}).\n"
+                  f"# Full run: python train.py --config {paths['best_config']}\n")
+        _atomic_write(paths["best_config"], header + yaml.safe_dump(config, sort_keys=False))
+        artifacts.append(paths["best_config"])
+    tracker.log_summary(
+        metrics={"best_val_bpd_fast": table["val_bpd_last"].min() if len(table) else math.nan,
+                 "best_val_bpd_accurate": export.winner_bpd if export.winner_fidelity == "accurate" else math.nan,
+                 "trials": len(table)},
+        tags={"winner_trial_id": export.winner_id or "none"},
+        artifacts=artifacts)
+    export.paths = paths
+    return export
+
+
+def _pick_winner(table: pd.DataFrame, rescores: dict[str, dict]) -> Export:
+    """The best accurate re-score wins, so the winner is not picked by the fast estimate's noise."""
+    good = {tid: r["mean"] for tid, r in rescores.items() if not r.get("failed") and _finite(r.get("mean"))}
+    if good:
+        tid = min(good, key=good.get)
+        return Export(tid, good[tid], "accurate")
+    finite = table[table["val_bpd_last"].map(_finite)] if len(table) else table
+    if len(finite):
+        row = finite.sort_values("val_bpd_last").iloc[0]
+        return Export(row["trial_id"], float(row["val_bpd_last"]), "fast")
+    return Export("", math.nan, "none")
+
+
+def code_version() -> str:
+    """The git commit of this checkout when there is one (with -dirty), else the installed version."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=here,
+                             capture_output=True, text=True, timeout=5)
+        if out.returncode == 0 and out.stdout.strip():
+            return f"git:{out.stdout.strip()}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        return f"vpsde-tune {importlib.metadata.version('vpsde-tune')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and NaN to what YAML writes plainly (NaN -> null)."""
+    if hasattr(value, "item"):
+        value = value.item()
+    return None if isinstance(value, float) and not math.isfinite(value) else value

@@ -1,0 +1,298 @@
+"""Search-space files: load and validate a YAML file into a typed `SearchSpace`.
+
+A space file has four sections (see search_spaces/vpsde.yaml):
+
+    hyperparameters:   what the search varies, by short name (lr, batch_size, num_res_blocks, ch_mult,
+                       sampling_eps) or by any dotted TrialConfig field (model.dropout, train.ema_decay, ...)
+    fixed:             a partial TrialConfig: everything a trial needs that the search does not vary
+    search:            algorithm (tpe | random), scheduler (asha | fifo), trial count, concurrency, seed,
+                       ASHA's grace period and reduction factor, re-scoring top k, time budget, retries
+    resources:         CPUs per trial, and the GPU fraction used when the cluster has GPUs
+
+Every problem raises `SpaceError` with one line naming the file and the field, before anything starts.
+Choices whose values are lists (ch_mult) travel through Optuna as string labels, because Optuna's
+categorical distributions only hold scalars; `SearchSpace.trial_config` turns labels back into values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trials.config import ConfigError, TrialConfig, build_dataclass, field_paths, set_dotted
+
+# The seed's five hyperparameters by their familiar names.
+SHORT_NAMES = {
+    "lr": "train.lr",
+    "batch_size": "train.batch_size",
+    "num_res_blocks": "model.num_res_blocks",
+    "ch_mult": "model.ch_mult",
+    "sampling_eps": "sde.sampling_eps",
+}
+KINDS = ("loguniform", "uniform", "randint", "choice")
+METRIC = "val_bpd"
+MODE = "min"
+
+
+class SpaceError(ValueError):
+    """A search-space file is wrong; the message is one line naming the file and the field."""
+
+
+@dataclass(frozen=True)
+class Hyperparameter:
+    name: str  # as written in the file, and as Optuna and Ray see it
+    path: str  # the TrialConfig field it sets, e.g. "train.lr"
+    kind: str  # loguniform | uniform | randint | choice
+    low: float | None = None
+    high: float | None = None
+    values: tuple[Any, ...] = ()
+
+    def labels(self) -> list[Any]:
+        """The choices as the searcher sees them: scalars as they are, lists as 'a,b,c' strings."""
+        return [_label(v) for v in self.values]
+
+    def decode(self, sampled: Any) -> Any:
+        if self.kind != "choice":
+            return sampled
+        for value in self.values:
+            if _label(value) == sampled:
+                return value
+        raise KeyError(f"{self.name}: {sampled!r} is not one of the choices")
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    algorithm: str = "tpe"  # tpe (Optuna) | random
+    scheduler: str = "asha"  # asha | fifo
+    num_samples: int = 16
+    max_concurrent: int = 2
+    seed: int = 0
+    grace_period: int = 100  # steps every trial gets before ASHA may stop it
+    reduction_factor: int = 3
+    top_k: int = 3  # trials re-scored at accurate fidelity after the search
+    time_budget_s: float | None = None
+    max_failures: int = 1  # retries of a trial that raises, from its last checkpoint
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0  # used only when the Ray cluster has GPUs
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    name: str
+    source: str  # the file it came from
+    sha256: str  # of the file's bytes: provenance in best_config.yaml
+    hyperparameters: tuple[Hyperparameter, ...]
+    fixed: dict[str, Any] = field(hash=False)  # TrialConfig dict the hyperparameters are laid over
+    search: SearchSettings = SearchSettings()
+    resources: Resources = Resources()
+
+    def trial_config(self, params: dict[str, Any]) -> TrialConfig:
+        """The complete config of the trial that Optuna or Ray sampled `params` for."""
+        tree = _deep_copy(self.fixed)
+        by_name = {hp.name: hp for hp in self.hyperparameters}
+        for name, sampled in params.items():
+            hp = by_name[name]
+            set_dotted(tree, hp.path, hp.decode(sampled))
+        return TrialConfig.from_dict(tree)
+
+    @property
+    def base_config(self) -> TrialConfig:
+        return TrialConfig.from_dict(self.fixed)
+
+    def to_optuna(self) -> dict[str, Any]:
+        import optuna.distributions as od
+
+        out = {}
+        for hp in self.hyperparameters:
+            if hp.kind == "loguniform":
+                out[hp.name] = od.FloatDistribution(hp.low, hp.high, log=True)
+            elif hp.kind == "uniform":
+                out[hp.name] = od.FloatDistribution(hp.low, hp.high)
+            elif hp.kind == "randint":
+                out[hp.name] = od.IntDistribution(int(hp.low), int(hp.high))
+            else:
+                out[hp.name] = od.CategoricalDistribution(hp.labels())
+        return out
+
+    def to_ray(self) -> dict[str, Any]:
+        from ray import tune
+
+        out = {}
+        for hp in self.hyperparameters:
+            if hp.kind == "loguniform":
+                out[hp.name] = tune.loguniform(hp.low, hp.high)
+            elif hp.kind == "uniform":
+                out[hp.name] = tune.uniform(hp.low, hp.high)
+            elif hp.kind == "randint":
+                out[hp.name] = tune.randint(int(hp.low), int(hp.high) + 1)  # Ray's upper bound is exclusive
+            else:
+                out[hp.name] = tune.choice(hp.labels())
+        return out
+
+
+# ---- loading -------------------------------------------------------------------------------------
+def load_space(path: str | Path) -> SearchSpace:
+    path = Path(path)
+    where = str(path)
+    try:
+        raw_bytes = path.read_bytes()
+    except FileNotFoundError:
+        raise SpaceError(f"{where}: no such file") from None
+    except OSError as exc:
+        raise SpaceError(f"{where}: cannot read ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(raw_bytes)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise SpaceError(f"{where}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{where}: must be a mapping with sections hyperparameters, fixed, search, resources")
+    return parse_space(raw, where, hashlib.sha256(raw_bytes).hexdigest(), default_name=path.stem)
+
+
+def parse_space(raw: dict[str, Any], where: str, sha256: str = "", default_name: str = "space") -> SearchSpace:
+    def fail(field_path: str, message: str):
+        raise SpaceError(f"{where}: {field_path}: {message}")
+
+    sections = {"name", "hyperparameters", "fixed", "search", "resources"}
+    for key in raw:
+        if key not in sections:
+            fail(key, f"unknown section (known: {', '.join(sorted(sections))})")
+    name = raw.get("name", default_name)
+    if not isinstance(name, str) or not name or any(c in name for c in "/\\ "):
+        fail("name", f"must be a non-empty word without slashes or spaces, got {name!r}")
+
+    fixed = raw.get("fixed") or {}
+    if not isinstance(fixed, dict):
+        fail("fixed", "must be a mapping of TrialConfig sections (data, model, sde, train, eval, sample)")
+    try:
+        TrialConfig.from_dict(fixed)
+    except ConfigError as exc:
+        fail(*f"fixed.{exc}".split(": ", 1))
+
+    hps_raw = raw.get("hyperparameters")
+    if not isinstance(hps_raw, dict) or not hps_raw:
+        fail("hyperparameters", "must be a non-empty mapping of name -> {type, ...}")
+    known_paths = field_paths()
+    hyperparameters = []
+    for hp_name, spec in hps_raw.items():
+        hp = _parse_hyperparameter(str(hp_name), spec, known_paths, fail)
+        _check_values_fit_the_model(hp, fixed, fail)
+        hyperparameters.append(hp)
+    paths = [hp.path for hp in hyperparameters]
+    if len(set(paths)) != len(paths):
+        dup = next(p for p in paths if paths.count(p) > 1)
+        fail("hyperparameters", f"two entries set the same field {dup}")
+
+    search = _parse_section(SearchSettings, raw.get("search"), "search", fail)
+    if search.algorithm not in ("tpe", "random"):
+        fail("search.algorithm", f"must be 'tpe' or 'random', got {search.algorithm!r}")
+    if search.scheduler not in ("asha", "fifo"):
+        fail("search.scheduler", f"must be 'asha' or 'fifo', got {search.scheduler!r}")
+    for key in ("num_samples", "max_concurrent", "top_k", "grace_period"):
+        if getattr(search, key) < 1:
+            fail(f"search.{key}", f"must be >= 1, got {getattr(search, key)}")
+    if search.reduction_factor < 2:
+        fail("search.reduction_factor", f"must be >= 2, got {search.reduction_factor}")
+    if search.max_failures < 0:
+        fail("search.max_failures", f"must be >= 0, got {search.max_failures}")
+    if search.time_budget_s is not None and search.time_budget_s <= 0:
+        fail("search.time_budget_s", f"must be > 0, got {search.time_budget_s}")
+    train = TrialConfig.from_dict(fixed).train
+    if search.grace_period < train.val_every:
+        fail("search.grace_period", f"must be >= fixed.train.val_every ({train.val_every}): "
+             "ASHA can only stop a trial at a step where it reports")
+    if search.grace_period > train.steps:
+        fail("search.grace_period", f"must be <= fixed.train.steps ({train.steps})")
+
+    resources = _parse_section(Resources, raw.get("resources"), "resources", fail)
+    if resources.cpus_per_trial <= 0:
+        fail("resources.cpus_per_trial", f"must be > 0, got {resources.cpus_per_trial}")
+    if not 0 <= resources.gpus_per_trial <= 1:
+        fail("resources.gpus_per_trial", f"must be in [0, 1] (a fraction of one GPU), got {resources.gpus_per_trial}")
+    return SearchSpace(name, where, sha256, tuple(hyperparameters), fixed, search, resources)
+
+
+def _parse_hyperparameter(name: str, spec: Any, known_paths: dict[str, Any], fail) -> Hyperparameter:
+    where = f"hyperparameters.{name}"
+    path = SHORT_NAMES.get(name, name)
+    if path not in known_paths:
+        fail(where, f"unknown hyperparameter (use one of {', '.join(SHORT_NAMES)} or a config field such as model.dropout)")
+    if not isinstance(spec, dict):
+        fail(where, "must be a mapping like {type: loguniform, low: 1e-5, high: 1e-2}")
+    kind = spec.get("type")
+    if kind not in KINDS:
+        fail(f"{where}.type", f"must be one of {', '.join(KINDS)}, got {kind!r}")
+    allowed = {"type", "values"} if kind == "choice" else {"type", "low", "high"}
+    for key in spec:
+        if key not in allowed:
+            fail(f"{where}.{key}", f"unknown key for type {kind} (known: {', '.join(sorted(allowed))})")
+    if kind == "choice":
+        values = spec.get("values")
+        if not isinstance(values, list) or not values:
+            fail(f"{where}.values", "must be a non-empty list")
+        labels = [_label(v) for v in values]
+        if len(set(map(repr, labels))) != len(labels):
+            fail(f"{where}.values", f"has duplicates: {values}")
+        return Hyperparameter(name, path, kind, values=tuple(values))
+    bounds = {}
+    for key in ("low", "high"):
+        value = spec.get(key)
+        if isinstance(value, str):
+            try:
+                value = float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            fail(f"{where}.{key}", f"must be a finite number, got {spec.get(key)!r}")
+        bounds[key] = value
+    if kind == "randint" and not all(float(v).is_integer() for v in bounds.values()):
+        fail(where, f"randint bounds must be integers, got {bounds['low']} and {bounds['high']}")
+    if bounds["low"] >= bounds["high"]:
+        fail(f"{where}.low", f"must be < high ({bounds['high']}), got {bounds['low']}")
+    if kind == "loguniform" and bounds["low"] <= 0:
+        fail(f"{where}.low", f"must be > 0 for a loguniform range, got {bounds['low']}")
+    return Hyperparameter(name, path, kind, low=bounds["low"], high=bounds["high"])
+
+
+def _check_values_fit_the_model(hp: Hyperparameter, fixed: dict[str, Any], fail) -> None:
+    """Build a TrialConfig at every choice (or at both bounds) so a bad value fails now, not in trial 17."""
+    probes = list(hp.values) if hp.kind == "choice" else [hp.low, hp.high]
+    if hp.kind == "randint":
+        probes = [int(v) for v in probes]
+    for value in probes:
+        tree = _deep_copy(fixed)
+        set_dotted(tree, hp.path, value)
+        try:
+            TrialConfig.from_dict(tree)
+        except ConfigError as exc:
+            fail(f"hyperparameters.{hp.name}", f"value {value!r} is not usable: {exc}")
+
+
+def _parse_section(cls, raw: Any, section: str, fail):
+    try:
+        return build_dataclass(cls, {} if raw is None else raw, f"{section}.")
+    except ConfigError as exc:
+        fail(*str(exc).split(": ", 1))
+
+
+def _label(value: Any) -> Any:
+    return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _deep_copy(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _deep_copy(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_deep_copy(v) for v in tree]
+    return tree
