@@ -14,6 +14,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
 IMAGE_SIZE = 28  # MNIST
@@ -304,3 +305,29 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+def load_config_file(path: str | Path) -> tuple[TrialConfig, dict[str, Any]]:
+    """A TrialConfig YAML (such as the tuner's best_config.yaml) and its optional `provenance` section."""
+    import yaml
+
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read ({exc})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must be a mapping of config sections (data, model, sde, train, eval, sample)")
+    provenance = raw.pop("provenance", None) or {}
+    if not isinstance(provenance, dict):
+        raise ConfigError(f"{path}: provenance: must be a mapping")
+    try:
+        return TrialConfig.from_dict(raw), provenance
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

@@ -13,6 +13,7 @@ One call, `run(options)`, does one experiment:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import signal
 import sys
@@ -139,9 +140,10 @@ def run(options: TuneOptions) -> int:
         )
     tuner.fit()
 
-    analysis = tune.ExperimentAnalysis(str(experiment_dir), default_metric=METRIC, default_mode=MODE)
+    analysis = _load_analysis(experiment_dir)
     statuses = {t.trial_id: trial_status(t, base.train.steps) for t in analysis.trials}
-    if any(s == "interrupted" for s in statuses.values()) and not _budget_spent(space, analysis):
+    # Trials the time budget cut short end TERMINATED; only Ctrl-C/SIGTERM leaves some PENDING or RUNNING.
+    if any(s == "interrupted" for s in statuses.values()):
         tracker.finish("KILLED")
         print(f"\nInterrupted; state saved in {experiment_dir}.\n"
               f"Continue with: python tune.py --space {options.space} --name {space.name} "
@@ -190,10 +192,12 @@ def _tune_config(space: SearchSpace) -> tune.TuneConfig:
 
         searcher = ConcurrencyLimiter(
             OptunaSearch(space=space.to_optuna(), metric=METRIC, mode=MODE,
-                         sampler=optuna.samplers.TPESampler(seed=s.seed)),
+                         sampler=optuna.samplers.TPESampler(seed=s.seed),
+                         points_to_evaluate=[dict(p) for p in space.points_to_evaluate] or None),
             max_concurrent=s.max_concurrent)
     else:
-        searcher = BasicVariantGenerator(random_state=s.seed, max_concurrent=s.max_concurrent)
+        searcher = BasicVariantGenerator(random_state=s.seed, max_concurrent=s.max_concurrent,
+                                         points_to_evaluate=[dict(p) for p in space.points_to_evaluate] or None)
     if s.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="step", max_t=space.base_config.train.steps,
                                   grace_period=s.grace_period, reduction_factor=s.reduction_factor)
@@ -217,17 +221,16 @@ def _forward_sigterm_as_sigint() -> None:
         signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
 
 
-def _budget_spent(space: SearchSpace, analysis) -> bool:
-    if space.search.time_budget_s is None:
-        return False
-    return any(t.last_result.get("time_total_s", 0) for t in analysis.trials) and \
-        _experiment_seconds(analysis) >= 0.95 * space.search.time_budget_s
-
-
-def _experiment_seconds(analysis) -> float:
-    starts = [t.last_result.get("timestamp", 0) - t.last_result.get("time_total_s", 0) for t in analysis.trials if t.last_result]
-    ends = [t.last_result.get("timestamp", 0) for t in analysis.trials if t.last_result]
-    return (max(ends) - min(starts)) if starts else 0.0
+def _load_analysis(experiment_dir: Path) -> tune.ExperimentAnalysis:
+    # Trials the time budget stopped before their first report have no result files; Tune warns about
+    # each one, which says nothing the trials table does not.
+    logger = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        return tune.ExperimentAnalysis(str(experiment_dir), default_metric=METRIC, default_mode=MODE)
+    finally:
+        logger.setLevel(level)
 
 
 def _rescore(candidates: list[tuple[Any, str]], evaluator: LikelihoodEvaluator, space: SearchSpace,

@@ -94,6 +94,8 @@ class SearchSpace:
     fixed: dict[str, Any] = field(hash=False)  # TrialConfig dict the hyperparameters are laid over
     search: SearchSettings = SearchSettings()
     resources: Resources = Resources()
+    # Configs tried first (e.g. a known-good setting), complete and as searcher labels.
+    points_to_evaluate: tuple[dict[str, Any], ...] = ()
 
     def trial_config(self, params: dict[str, Any]) -> TrialConfig:
         """The complete config of the trial that Optuna or Ray sampled `params` for."""
@@ -194,7 +196,10 @@ def parse_space(raw: dict[str, Any], where: str, sha256: str = "", default_name:
         dup = next(p for p in paths if paths.count(p) > 1)
         fail("hyperparameters", f"two entries set the same field {dup}")
 
-    search = _parse_section(SearchSettings, raw.get("search"), "search", fail)
+    search_raw = dict(raw.get("search") or {}) if isinstance(raw.get("search"), dict) else raw.get("search")
+    points_raw = search_raw.pop("points_to_evaluate", None) if isinstance(search_raw, dict) else None
+    search = _parse_section(SearchSettings, search_raw, "search", fail)
+    points = _parse_points(points_raw, hyperparameters, fixed, fail)
     if search.algorithm not in ("tpe", "random"):
         fail("search.algorithm", f"must be 'tpe' or 'random', got {search.algorithm!r}")
     if search.scheduler not in ("asha", "fifo"):
@@ -220,7 +225,7 @@ def parse_space(raw: dict[str, Any], where: str, sha256: str = "", default_name:
         fail("resources.cpus_per_trial", f"must be > 0, got {resources.cpus_per_trial}")
     if not 0 <= resources.gpus_per_trial <= 1:
         fail("resources.gpus_per_trial", f"must be in [0, 1] (a fraction of one GPU), got {resources.gpus_per_trial}")
-    return SearchSpace(name, where, sha256, tuple(hyperparameters), fixed, search, resources)
+    return SearchSpace(name, where, sha256, tuple(hyperparameters), fixed, search, resources, points)
 
 
 def _parse_hyperparameter(name: str, spec: Any, known_paths: dict[str, Any], fail) -> Hyperparameter:
@@ -263,6 +268,48 @@ def _parse_hyperparameter(name: str, spec: Any, known_paths: dict[str, Any], fai
     if kind == "loguniform" and bounds["low"] <= 0:
         fail(f"{where}.low", f"must be > 0 for a loguniform range, got {bounds['low']}")
     return Hyperparameter(name, path, kind, low=bounds["low"], high=bounds["high"])
+
+
+def _parse_points(raw: Any, hyperparameters: list[Hyperparameter], fixed: dict[str, Any], fail) -> tuple[dict, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        fail("search.points_to_evaluate", "must be a list of {hyperparameter: value} mappings")
+    by_name = {hp.name: hp for hp in hyperparameters}
+    points = []
+    for i, point in enumerate(raw):
+        where = f"search.points_to_evaluate[{i}]"
+        if not isinstance(point, dict) or not point:
+            fail(where, "must be a non-empty mapping of hyperparameter: value")
+        labelled = {}
+        for name, value in point.items():
+            hp = by_name.get(name)
+            if hp is None:
+                fail(f"{where}.{name}", f"not a hyperparameter of this space (have: {', '.join(by_name)})")
+            if hp.kind == "choice":
+                if _label(value) not in hp.labels():
+                    fail(f"{where}.{name}", f"{value!r} is not one of the choices {list(hp.values)}")
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or not hp.low <= value <= hp.high:
+                fail(f"{where}.{name}", f"must be a number in [{hp.low}, {hp.high}], got {value!r}")
+            labelled[name] = _label(value)
+        # Optuna's warm start needs every hyperparameter; the unnamed ones take a neutral default.
+        for hp in hyperparameters:
+            labelled.setdefault(hp.name, _default_point(hp, fixed))
+        points.append(labelled)
+    return tuple(points)
+
+
+def _default_point(hp: Hyperparameter, fixed: dict[str, Any]) -> Any:
+    """The fixed config's value when the range allows it, else the range's (geometric) middle or first choice."""
+    value = TrialConfig.from_dict(fixed).flat()[hp.path]
+    if hp.kind == "choice":
+        return _label(value) if _label(value) in hp.labels() else hp.labels()[0]
+    if hp.low <= value <= hp.high:
+        return value
+    if hp.kind == "loguniform":
+        return math.sqrt(hp.low * hp.high)
+    middle = (hp.low + hp.high) / 2
+    return int(middle) if hp.kind == "randint" else middle
 
 
 def _check_values_fit_the_model(hp: Hyperparameter, fixed: dict[str, Any], fail) -> None:

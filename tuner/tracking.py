@@ -157,10 +157,16 @@ class MlflowTrialLogger(tune.Callback):
 
 
 def completion_status(last_result: dict[str, Any], max_steps: int) -> str:
-    """How a trial that ended without an exception ended: diverged, completed, or stopped early (ASHA)."""
+    """How a trial that ended without an exception ended.
+
+    "stopped early" is ASHA's verdict or the experiment's time budget; "not started" is a trial the
+    budget ended before its first report.
+    """
     if last_result.get("diverged"):
         return "diverged"
-    return "completed" if int(last_result.get("step", 0)) >= max_steps else "stopped early"
+    if "step" not in last_result:
+        return "not started"
+    return "completed" if int(last_result["step"]) >= max_steps else "stopped early"
 
 
 def trial_status(trial, max_steps: int) -> str:
