@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ import torch
 from torchdiffeq import odeint
 from torchvision.utils import save_image
 
+from trials.config import IMAGE_SIZE
 from trials.sde import VPSDE
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -213,22 +215,23 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"checkpoint not found: {path}")
     if not Path(args.out).parent.is_dir():
         return fail(f"output folder does not exist: {Path(args.out).parent}")
-    try:
-        device = resolve_device(args.device)
-    except (RuntimeError, ValueError) as exc:
-        return fail(f"--device: {exc}")
+    if not (args.device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", args.device)):
+        return fail(f"--device: must be 'auto', 'cpu' or 'cuda[:N]', got {args.device!r}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        return fail(f"--device {args.device}: CUDA is not available on this machine")
+    device = resolve_device(args.device)
     try:
         ckpt = load_checkpoint(path, map_location=device)
         cfg, model = eval_model_from_checkpoint(ckpt, device)
     except Exception as exc:  # unpickling, missing keys, mismatched weights: all mean "not our checkpoint"
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        return fail(f"{path} is not a trials.train checkpoint ({reason})")
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        return fail(f"{path} is not a trials.train checkpoint ({type(exc).__name__}: {detail})")
 
     sde = VPSDE(cfg.sde.beta_min, cfg.sde.beta_max, cfg.sde.T)
     sc = cfg.sample
     n = args.n if args.n is not None else sc.n_images
     generator = torch.Generator(device=device).manual_seed(sc.seed if args.seed is None else args.seed)
-    shape = (n, 1, 28, 28)
+    shape = (n, 1, IMAGE_SIZE, IMAGE_SIZE)
     score = score_fn(model, sde)
     start = time.perf_counter()
     if args.sampler == "pc":
@@ -237,8 +240,12 @@ def main(argv: list[str] | None = None) -> int:
                       corrector_steps=sc.corrector_steps, snr=sc.snr, generator=generator, device=device)
         cost = f"{steps} steps x (1 + {sc.corrector_steps} corrector) = {steps * (1 + sc.corrector_steps)} score evaluations"
     else:
-        x, nfe = ode_sample(score, sde, shape, eps=cfg.sde.sampling_eps, rtol=sc.ode_rtol, atol=sc.ode_atol,
-                            method=sc.ode_method, generator=generator, device=device)
+        try:
+            x, nfe = ode_sample(score, sde, shape, eps=cfg.sde.sampling_eps, rtol=sc.ode_rtol, atol=sc.ode_atol,
+                                method=sc.ode_method, generator=generator, device=device)
+        except AssertionError as exc:  # torchdiffeq's way of giving up: "underflow in dt", "non-finite values"
+            print(f"{parser.prog}: error: the ODE solver failed: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
+            return 1
         cost = f"{nfe} function evaluations ({sc.ode_method}, rtol {sc.ode_rtol:g}, atol {sc.ode_atol:g})"
     seconds = time.perf_counter() - start
     save_grid(x, args.out, cfg.data.centered)
