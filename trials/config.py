@@ -307,21 +307,28 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def load_config_file(path: str | Path) -> tuple[TrialConfig, dict[str, Any]]:
-    """A TrialConfig YAML (such as the tuner's best_config.yaml) and its optional `provenance` section."""
+def read_yaml(path: str | Path) -> tuple[Any, bytes]:
+    """Parse a YAML file; returns (data, raw bytes). Errors are one line naming the file (and line)."""
     import yaml
 
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read ({exc})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        return yaml.safe_load(raw), raw
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+        raise ConfigError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', None) or exc}") from None
+
+
+def load_config_file(path: str | Path) -> tuple[TrialConfig, dict[str, Any]]:
+    """A TrialConfig YAML (such as the tuner's best_config.yaml) and its optional `provenance` section."""
+    raw, _ = read_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: must be a mapping of config sections (data, model, sde, train, eval, sample)")
     provenance = raw.pop("provenance", None) or {}

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trials.config import ModelConfig
-from trials.sde import VPSDE
+from trials.sde import VPSDE, per_sample
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -155,7 +155,7 @@ def score_fn(model: nn.Module, sde: VPSDE) -> Callable[[torch.Tensor, torch.Tens
     """The score grad log p_t(x) of a noise-predicting model: -eps(x, t) / sigma(t), per sample."""
 
     def score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        sigma = sde.marginal_std(t).reshape(-1, *([1] * (x.dim() - 1)))
+        sigma = per_sample(sde.marginal_std(t), x)
         return -model(x, t) / sigma
 
     return score

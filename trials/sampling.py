@@ -30,7 +30,7 @@ from torchdiffeq import odeint
 from torchvision.utils import save_image
 
 from trials.config import IMAGE_SIZE
-from trials.sde import VPSDE
+from trials.sde import VPSDE, per_sample
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -48,7 +48,7 @@ def euler_maruyama_step(score: ScoreFn, sde: VPSDE, x: torch.Tensor, t: torch.Te
     a sampler returns as the denoised image.
     """
     x_mean = x - sde.reverse_drift(x, t, score(x, t)) * dt
-    g = sde.diffusion(t).reshape(-1, *([1] * (x.dim() - 1)))
+    g = per_sample(sde.diffusion(t), x)
     x_next = x_mean + g * torch.sqrt(dt) * _noise_like(x, generator)
     return x_next, x_mean
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 
-def _per_sample(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def per_sample(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Reshape a (B,) time-dependent coefficient so it multiplies a (B, ...) batch."""
     return t.reshape(-1, *([1] * (x.dim() - 1)))
 
@@ -33,7 +33,7 @@ class VPSDE:
         return self.beta_min + t * (self.beta_max - self.beta_min)
 
     def drift(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return -0.5 * _per_sample(self.beta(t), x) * x
+        return -0.5 * per_sample(self.beta(t), x) * x
 
     def diffusion(self, t: torch.Tensor) -> torch.Tensor:
         return torch.sqrt(self.beta(t))
@@ -52,7 +52,7 @@ class VPSDE:
 
     def perturb(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Sample x_t given x_0 with the supplied standard-normal `noise`."""
-        return _per_sample(self.mean_coeff(t), x0) * x0 + _per_sample(self.marginal_std(t), x0) * noise
+        return per_sample(self.mean_coeff(t), x0) * x0 + per_sample(self.marginal_std(t), x0) * noise
 
     # --- the prior at t = T --------------------------------------------------------------------------
     def prior_sample(self, shape: tuple[int, ...], generator: torch.Generator | None = None,
@@ -67,11 +67,11 @@ class VPSDE:
     # --- the reverse-time processes, given the score of p_t -------------------------------------
     def reverse_drift(self, x: torch.Tensor, t: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
         """Drift of the reverse-time SDE, dx = [f - g^2 score] dt + g dw_bar (time runs from T to 0)."""
-        return self.drift(x, t) - _per_sample(self.beta(t), x) * score
+        return self.drift(x, t) - per_sample(self.beta(t), x) * score
 
     def probability_flow_drift(self, x: torch.Tensor, t: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
         """Drift of the probability-flow ODE, dx/dt = f - 1/2 g^2 score, which shares the SDE's marginals."""
-        return self.drift(x, t) - 0.5 * _per_sample(self.beta(t), x) * score
+        return self.drift(x, t) - 0.5 * per_sample(self.beta(t), x) * score
 
 
 def gaussian_marginal(sde: VPSDE, mean: torch.Tensor, std: torch.Tensor, t: torch.Tensor):

@@ -22,7 +22,7 @@ from torch.optim.swa_utils import AveragedModel
 from trials.config import TrialConfig
 from trials.data import MnistData, to_model_space
 from trials.model import UNet, score_fn
-from trials.sde import VPSDE
+from trials.sde import VPSDE, per_sample
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -35,7 +35,7 @@ def dsm_loss(score: ScoreFn, sde: VPSDE, x0: torch.Tensor, t: torch.Tensor, nois
     keeps the loss O(D) at every t.
     """
     x_t = sde.perturb(x0, t, noise)
-    sigma = sde.marginal_std(t).reshape(-1, *([1] * (x0.dim() - 1)))
+    sigma = per_sample(sde.marginal_std(t), x0)
     residual = sigma * score(x_t, t) + noise
     return residual.pow(2).flatten(1).sum(dim=1).mean()
 

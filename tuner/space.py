@@ -16,15 +16,14 @@ categorical distributions only hold scalars; `SearchSpace.trial_config` turns la
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from trials.config import ConfigError, TrialConfig, build_dataclass, field_paths, set_dotted
+from trials.config import ConfigError, TrialConfig, build_dataclass, field_paths, read_yaml, set_dotted
 
 # The seed's five hyperparameters by their familiar names.
 SHORT_NAMES = {
@@ -99,7 +98,7 @@ class SearchSpace:
 
     def trial_config(self, params: dict[str, Any]) -> TrialConfig:
         """The complete config of the trial that Optuna or Ray sampled `params` for."""
-        tree = _deep_copy(self.fixed)
+        tree = copy.deepcopy(self.fixed)
         by_name = {hp.name: hp for hp in self.hyperparameters}
         for name, sampled in params.items():
             hp = by_name[name]
@@ -143,23 +142,13 @@ class SearchSpace:
 
 # ---- loading -------------------------------------------------------------------------------------
 def load_space(path: str | Path) -> SearchSpace:
-    path = Path(path)
-    where = str(path)
     try:
-        raw_bytes = path.read_bytes()
-    except FileNotFoundError:
-        raise SpaceError(f"{where}: no such file") from None
-    except OSError as exc:
-        raise SpaceError(f"{where}: cannot read ({exc.strerror})") from None
-    try:
-        raw = yaml.safe_load(raw_bytes)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise SpaceError(f"{where}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+        raw, raw_bytes = read_yaml(path)
+    except ConfigError as exc:
+        raise SpaceError(str(exc)) from None
     if not isinstance(raw, dict):
-        raise SpaceError(f"{where}: must be a mapping with sections hyperparameters, fixed, search, resources")
-    return parse_space(raw, where, hashlib.sha256(raw_bytes).hexdigest(), default_name=path.stem)
+        raise SpaceError(f"{path}: must be a mapping with sections hyperparameters, fixed, search, resources")
+    return parse_space(raw, str(path), hashlib.sha256(raw_bytes).hexdigest(), default_name=Path(path).stem)
 
 
 def parse_space(raw: dict[str, Any], where: str, sha256: str = "", default_name: str = "space") -> SearchSpace:
@@ -318,7 +307,7 @@ def _check_values_fit_the_model(hp: Hyperparameter, fixed: dict[str, Any], fail)
     if hp.kind == "randint":
         probes = [int(v) for v in probes]
     for value in probes:
-        tree = _deep_copy(fixed)
+        tree = copy.deepcopy(fixed)
         set_dotted(tree, hp.path, value)
         try:
             TrialConfig.from_dict(tree)
@@ -335,11 +324,3 @@ def _parse_section(cls, raw: Any, section: str, fail):
 
 def _label(value: Any) -> Any:
     return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def _deep_copy(tree: Any) -> Any:
-    if isinstance(tree, dict):
-        return {k: _deep_copy(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_deep_copy(v) for v in tree]
-    return tree
