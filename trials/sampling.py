@@ -27,7 +27,6 @@ from typing import Callable
 
 import torch
 from torchdiffeq import odeint
-from torchvision.utils import save_image
 
 from trials.config import IMAGE_SIZE
 from trials.sde import VPSDE, per_sample
@@ -164,6 +163,8 @@ def to_image_range(x: torch.Tensor, centered: bool) -> torch.Tensor:
 
 def save_grid(x: torch.Tensor, path: str | Path, centered: bool, nrow: int | None = None) -> None:
     """Write a batch (B, C, H, W) in model space as one PNG grid, `nrow` images per row (default ~sqrt(B))."""
+    from torchvision.utils import save_image  # here: importing torchvision costs ~1.5 s at start-up
+
     if nrow is None:
         nrow = math.ceil(math.sqrt(x.shape[0]))
     save_image(to_image_range(x.detach().float().cpu(), centered), Path(path), nrow=nrow)

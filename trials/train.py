@@ -182,7 +182,8 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "rng": self.rng.get_state(),
-            "torch_rng": torch.get_rng_state(),
+            "torch_rng": torch.get_rng_state(),  # dropout on the CPU
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,  # dropout on GPUs
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -193,12 +194,15 @@ class Trainer:
         self.step = int(state["step"])
         self.rng.set_state(state["rng"])
         torch.set_rng_state(state["torch_rng"])
+        if self.device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
 
-    def save_checkpoint(self, path: str | Path) -> None:
-        """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    def save_checkpoint(self, path: str | Path, **extra: Any) -> None:
+        """Write the state (plus any `extra` entries the caller keeps with it) atomically: a crash
+        mid-write leaves the previous checkpoint intact."""
         path = Path(path)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(self.state_dict(), tmp)
+        torch.save({**self.state_dict(), **extra}, tmp)
         tmp.replace(path)
 
 

@@ -37,8 +37,13 @@ class TrialSpace(Protocol):
     def trial_config(self, params: dict[str, Any]) -> TrialConfig: ...
 
 
-def run_trial(params: dict[str, Any], *, space: TrialSpace, data: MnistData, evaluator: LikelihoodEvaluator) -> None:
+def run_trial(params: dict[str, Any], *, space: TrialSpace, data: MnistData, evaluator: LikelihoodEvaluator,
+              threads: int = 1) -> None:
     cfg = space.trial_config(params)
+    if cfg.train.num_threads == 0:
+        # As many torch threads as CPUs the trial owns: torch's default (every core) would make concurrent
+        # trials fight over them. Kept out of the config, so the exported config runs anywhere.
+        torch.set_num_threads(threads)
     trainer = Trainer(cfg, data)
     seconds_before = 0.0
     checkpoint = tune.get_checkpoint()
@@ -74,9 +79,7 @@ def run_trial(params: dict[str, Any], *, space: TrialSpace, data: MnistData, eva
             "reason": bpd.reason or "",
         }
         with tempfile.TemporaryDirectory() as folder:
-            state = trainer.state_dict()
-            state["seconds"] = metrics["seconds"]
-            torch.save(state, Path(folder) / CHECKPOINT_FILE)
+            trainer.save_checkpoint(Path(folder) / CHECKPOINT_FILE, seconds=metrics["seconds"])
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
 

@@ -95,12 +95,6 @@ def with_cli_overrides(space: SearchSpace, options: TuneOptions) -> SearchSpace:
     if options.download:
         data["download"] = True
     fixed["data"] = data
-    train = dict(fixed.get("train") or {})
-    if not train.get("num_threads"):
-        # A trial gets as many torch threads as CPUs it owns; torch's default (all cores) would make
-        # concurrent trials fight over them.
-        train["num_threads"] = max(1, int(space.resources.cpus_per_trial))
-    fixed["train"] = train
     space = dataclasses.replace(space, name=options.name or space.name, search=search, fixed=fixed)
     space.base_config  # re-validate: --data mnist without --data-root is caught here, before Ray starts
     return space
@@ -118,7 +112,8 @@ def run(options: TuneOptions) -> int:
     evaluator = LikelihoodEvaluator.build(data.val, base.eval, base.data.centered)
     gpus = _gpus_per_trial(space)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, space=space, data=data, evaluator=evaluator),
+        tune.with_parameters(run_trial, space=space, data=data, evaluator=evaluator,
+                             threads=max(1, int(space.resources.cpus_per_trial))),
         {"cpu": space.resources.cpus_per_trial, "gpu": gpus})
 
     tracker = ExperimentTracker(tracking_uri, experiment_dir, space.name, storage)
