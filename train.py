@@ -13,25 +13,10 @@ import signal
 import sys
 from pathlib import Path
 
+from trials.cli import OneLineArgumentParser, positive_int
+
 PROG = "train.py"
 EXIT_INTERRUPTED = 130
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse prints its usage block above an error; this command promises one line on stderr."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -10,18 +10,20 @@ import argparse
 import sys
 from pathlib import Path
 
+from trials.cli import OneLineArgumentParser, positive_float, positive_int
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Tune VP-SDE score models with Ray Tune, Optuna/ASHA and MLflow.")
+    p = OneLineArgumentParser(prog="tune.py", description="Tune VP-SDE score models with Ray Tune, Optuna/ASHA and MLflow.")
     p.add_argument("--space", required=True, type=Path, help="search-space YAML (see search_spaces/)")
     p.add_argument("--name", help="experiment name (default: the space's name)")
     p.add_argument("--storage", type=Path, default=Path("runs"), help="results folder; shared storage on a cluster (default: runs/)")
-    p.add_argument("--num-samples", type=int, help="number of trials (overrides the space)")
-    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+    p.add_argument("--num-samples", type=positive_int, help="number of trials (overrides the space)")
+    p.add_argument("--time-budget", type=positive_float, metavar="SECONDS",
                    help="stop the search after this long, then still re-score and export the best so far")
-    p.add_argument("--max-concurrent", type=int, help="trials running at once (overrides the space)")
+    p.add_argument("--max-concurrent", type=positive_int, help="trials running at once (overrides the space)")
     p.add_argument("--seed", type=int, help="searcher seed (overrides the space)")
-    p.add_argument("--top-k", type=int, help="trials re-scored at accurate fidelity after the search")
+    p.add_argument("--top-k", type=positive_int, help="trials re-scored at accurate fidelity after the search")
     p.add_argument("--data", choices=["mnist-5k", "mnist"], help="mnist-5k: embedded 5,000 digits; mnist: torchvision from --data-root")
     p.add_argument("--data-root", help="folder with torchvision's MNIST/ (for --data mnist)")
     p.add_argument("--download", action="store_true", help="let torchvision download MNIST into --data-root")

@@ -171,35 +171,19 @@ def save_grid(x: torch.Tensor, path: str | Path, centered: bool, nrow: int | Non
 
 
 # ---- command line --------------------------------------------------------------------------------------------
-class _OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse prints the usage block above an error; this CLI promises one line on stderr."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     # Imported here: the samplers above need neither the network nor the trainer.
+    from trials.cli import OneLineArgumentParser, positive_int
     from trials.model import score_fn
     from trials.train import eval_model_from_checkpoint, load_checkpoint, resolve_device
 
-    parser = _OneLineArgumentParser(prog="python -m trials.sampling",
+    parser = OneLineArgumentParser(prog="python -m trials.sampling",
                                     description="Sample an image grid from a trials.train checkpoint.")
     parser.add_argument("--checkpoint", required=True, help="checkpoint written by trials.train")
     parser.add_argument("--sampler", choices=("pc", "ode"), default="pc")
-    parser.add_argument("--n", type=_positive_int, default=None, help="images (default: sample.n_images)")
+    parser.add_argument("--n", type=positive_int, default=None, help="images (default: sample.n_images)")
     parser.add_argument("--out", required=True, help="PNG file for the grid")
-    parser.add_argument("--steps", type=_positive_int, default=None,
+    parser.add_argument("--steps", type=positive_int, default=None,
                         help="PC predictor steps (default: sample.pc_steps)")
     parser.add_argument("--seed", type=int, default=None, help="default: sample.seed")
     parser.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda:N'")

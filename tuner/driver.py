@@ -74,16 +74,11 @@ def prepare(options: TuneOptions) -> tuple[SearchSpace, Path]:
 
 def with_cli_overrides(space: SearchSpace, options: TuneOptions) -> SearchSpace:
     search = space.search
-    for flag, field, value in (("--num-samples", "num_samples", options.num_samples),
-                               ("--time-budget", "time_budget_s", options.time_budget),
-                               ("--max-concurrent", "max_concurrent", options.max_concurrent),
-                               ("--top-k", "top_k", options.top_k)):
-        if value is not None:
-            if value <= 0:
-                raise UsageError(f"{flag}: must be > 0, got {value}")
+    for field, value in (("num_samples", options.num_samples), ("time_budget_s", options.time_budget),
+                         ("max_concurrent", options.max_concurrent), ("top_k", options.top_k),
+                         ("seed", options.seed)):
+        if value is not None:  # tune.py's parser has already checked the counts are positive
             search = dataclasses.replace(search, **{field: value})
-    if options.seed is not None:
-        search = dataclasses.replace(search, seed=options.seed)
     if options.name is not None and (not options.name or any(c in options.name for c in "/\\ ")):
         raise UsageError(f"--name: must be a non-empty word without slashes or spaces, got {options.name!r}")
     fixed = {k: dict(v) if isinstance(v, dict) else v for k, v in space.fixed.items()}
