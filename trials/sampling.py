@@ -17,7 +17,6 @@ Run as a script to sample from a checkpoint written by trials.train:
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 import sys
