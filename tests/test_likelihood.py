@@ -1,0 +1,284 @@
+"""The likelihood evaluator against closed forms, and its guarantees to the tuner (CRN, failures).
+
+Gaussian data stay Gaussian under the VP SDE, so with the exact score the probability-flow ODE is a
+per-dimension affine map z = mean_T + (std_T / std_eps) (x - mean_eps) and everything the evaluator
+computes has a closed form. Inputs are tiny (16 dimensions) so that the exact trace is cheap.
+"""
+
+import copy
+import math
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from trials.config import EvalConfig, FidelityConfig
+from trials.likelihood import (BPDResult, LikelihoodEvaluator, ODEFailure, bits_per_dim, bpd_offset,
+                               draw_probes, log_likelihood)
+from trials.sde import VPSDE, gaussian_logp, gaussian_marginal, gaussian_score
+
+SHAPE = (1, 4, 4)  # a 16-pixel "image"
+DIMS = 16
+EPS = 1e-3
+
+
+def gaussian_case(dtype=torch.float64):
+    """Per-pixel means and stds of Gaussian data, all different, and a few points to score."""
+    mean = torch.linspace(-0.6, 0.9, DIMS, dtype=dtype).reshape(SHAPE)
+    std = torch.linspace(0.05, 0.7, DIMS, dtype=dtype).reshape(SHAPE)
+    gen = torch.Generator().manual_seed(0)
+    x = (mean + 1.5 * std * torch.randn((6, *SHAPE), generator=gen, dtype=dtype))
+    return mean, std, x
+
+
+def t_of(value: float, like: torch.Tensor) -> torch.Tensor:
+    return torch.full((1,), value, dtype=like.dtype)
+
+
+# ---- bits/dim offset -------------------------------------------------------------------------------------
+def test_offset_is_8_bits_for_unit_range_and_7_for_centered():
+    assert bpd_offset(centered=False) == 8.0
+    assert bpd_offset(centered=True) == 7.0
+
+
+@pytest.mark.parametrize("centered, width", [(False, 1.0), (True, 2.0)])
+def test_uniform_density_on_the_data_range_scores_exactly_8_bits(centered, width):
+    # The uniform density over the data range is the uniform distribution over the 256 levels.
+    logp = torch.tensor([-DIMS * math.log(width)], dtype=torch.float64)
+    assert bits_per_dim(logp, DIMS, centered).item() == pytest.approx(8.0, abs=1e-12)
+
+
+# ---- log_likelihood against the Gaussian closed form -----------------------------------------------------
+@pytest.mark.parametrize("sde", [VPSDE(0.1, 20.0, 1.0), VPSDE(0.1, 4.0, 1.0)], ids=["default", "short"])
+def test_exact_score_reproduces_the_analytic_log_density(sde):
+    # The "short" SDE (beta_max = 4) leaves p_T far from N(0, I), so the prior mismatch is large and the
+    # comparison below only holds if it is accounted for exactly.
+    mean, std, x = gaussian_case()
+    logp, z, nfe = log_likelihood(gaussian_score(sde, mean, std), sde, x, EPS, probes=None, rtol=1e-9, atol=1e-9)
+
+    mean_eps, std_eps = gaussian_marginal(sde, mean, std, t_of(EPS, x))
+    mean_T, std_T = gaussian_marginal(sde, mean, std, t_of(sde.T, x))
+    torch.testing.assert_close(z, mean_T + std_T / std_eps * (x - mean_eps), rtol=0, atol=1e-7)
+
+    delta_logp = logp - sde.prior_logp(z)
+    expected_delta = torch.log(std_T / std_eps).sum().expand(len(x))
+    torch.testing.assert_close(delta_logp, expected_delta, rtol=0, atol=1e-6)
+
+    prior_mismatch = sde.prior_logp(z) - gaussian_logp(sde, mean, std, z, t_of(sde.T, x))
+    expected = gaussian_logp(sde, mean, std, x, t_of(EPS, x)) + prior_mismatch
+    torch.testing.assert_close(logp, expected, rtol=0, atol=1e-6)
+    if sde.beta_max < 10:
+        assert prior_mismatch.abs().min() > 0.1
+    assert nfe > 0
+
+
+def test_float32_at_the_accurate_tolerance_is_within_solver_error():
+    sde = VPSDE()
+    mean, std, x = gaussian_case(torch.float32)
+    logp, z, _ = log_likelihood(gaussian_score(sde, mean, std), sde, x, EPS, rtol=1e-5, atol=1e-5)
+    prior_mismatch = sde.prior_logp(z) - gaussian_logp(sde, mean, std, z, t_of(sde.T, x))
+    expected = gaussian_logp(sde, mean, std, x, t_of(EPS, x)) + prior_mismatch
+    # 1e-3 nats over 16 dimensions is below 1e-4 bits/dim.
+    torch.testing.assert_close(logp, expected, rtol=0, atol=1e-3)
+
+
+def test_rademacher_probes_are_exact_for_a_diagonal_jacobian_and_gaussian_probes_are_not():
+    # The Gaussian case's drift acts on each pixel separately, so v^T J v = sum J_ii v_i^2, which is
+    # the trace when v_i^2 = 1.
+    sde = VPSDE()
+    mean, std, x = gaussian_case()
+    score = gaussian_score(sde, mean, std)
+    gen = torch.Generator().manual_seed(1)
+    exact, _, _ = log_likelihood(score, sde, x, EPS, rtol=1e-8, atol=1e-8)
+    rademacher = draw_probes(tuple(x.shape), "rademacher", gen).double()
+    gaussian = draw_probes(tuple(x.shape), "gaussian", gen).double()
+    hutch_r, _, _ = log_likelihood(score, sde, x, EPS, probes=rademacher, rtol=1e-8, atol=1e-8)
+    hutch_g, _, _ = log_likelihood(score, sde, x, EPS, probes=gaussian, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(hutch_r, exact, rtol=0, atol=1e-6)
+    assert (hutch_g - exact).abs().max() > 0.1
+
+
+# ---- Hutchinson against the exact trace on a network with a dense Jacobian ------------------------------
+class TinyScore(nn.Module):
+    """A random MLP score(x, t) on flat 6-dimensional inputs: every output depends on every input."""
+
+    def __init__(self, dims: int = 6, hidden: int = 32, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = nn.Sequential(nn.Linear(dims + 1, hidden), nn.Tanh(), nn.Linear(hidden, dims))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([x, t[:, None]], dim=1))
+
+
+@pytest.mark.parametrize("estimator", ["rademacher", "gaussian"])
+def test_hutchinson_is_unbiased_within_its_standard_error(estimator):
+    sde = VPSDE()
+    model = TinyScore().double()
+    gen = torch.Generator().manual_seed(2)
+    points = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    exact, _, _ = log_likelihood(model, sde, points, EPS, rtol=1e-7, atol=1e-7)
+
+    replicas = 200  # independent probes per point, solved together as one batch
+    x = points.repeat_interleave(replicas, dim=0)
+    probes = draw_probes(tuple(x.shape), estimator, gen).double()
+    estimates, _, _ = log_likelihood(model, sde, x, EPS, probes=probes, rtol=1e-7, atol=1e-7)
+    estimates = estimates.reshape(len(points), replicas)
+    stderr = estimates.std(dim=1) / math.sqrt(replicas)
+    assert (stderr > 1e-3).all()  # the estimator is genuinely random here, so the check below means something
+    assert ((estimates.mean(dim=1) - exact).abs() < 4 * stderr).all()
+
+
+# ---- the evaluator ---------------------------------------------------------------------------------------
+def small_eval_config(estimator="rademacher", seed=0) -> EvalConfig:
+    return EvalConfig(estimator=estimator, seed=seed, batch_size=4,
+                      fast=FidelityConfig(n_images=5, rtol=1e-3, atol=1e-3),
+                      accurate=FidelityConfig(n_images=10, rtol=1e-5, atol=1e-5))
+
+
+def random_images(n=20, low=0, high=256, seed=0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(low, high, (n, *SHAPE), generator=gen, dtype=torch.uint8)
+
+
+def zero_score(x, t):
+    return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("centered", [False, True])
+def test_evaluator_bpd_matches_the_zero_score_closed_form(centered):
+    # With score 0 the ODE is dx/dt = -beta x / 2: z = x alpha(T) / alpha(eps), and the divergence
+    # integrates to D log(alpha(T) / alpha(eps)). Checks the subset, chunking, formula and offset end to end.
+    sde = VPSDE()
+    evaluator = LikelihoodEvaluator.build(random_images(), small_eval_config(), centered)
+    result = evaluator.evaluate(zero_score, sde, EPS, "accurate")
+
+    log_ratio = (sde.log_mean_coeff(torch.tensor(sde.T)) - sde.log_mean_coeff(torch.tensor(EPS))).item()
+    x = evaluator.x.double()
+    logp = sde.prior_logp(x * math.exp(log_ratio)) + DIMS * log_ratio
+    expected = -logp / (DIMS * math.log(2)) + (7 if centered else 8)
+    assert result.per_image == pytest.approx(expected.tolist(), abs=1e-4)
+    assert result.mean == pytest.approx(expected.mean().item(), abs=1e-4)
+    assert not result.failed
+    assert result.flagged and "worse than uniform" in result.reason  # ~16 bits/dim: an untrained model
+
+    fast = evaluator.evaluate(zero_score, sde, EPS, "fast")
+    assert fast.fidelity == {"name": "fast", "n_images": 5, "rtol": 1e-3, "atol": 1e-3, "method": "dopri5",
+                             "estimator": "rademacher", "eps": EPS, "batch_size": 4, "seed": 0}
+    assert fast.per_image == pytest.approx(expected[:5].tolist(), abs=1e-3)  # a prefix of the same images
+
+
+def test_exact_gaussian_score_on_concentrated_images_matches_closed_form_and_is_not_flagged():
+    # Images near mid-gray fit a narrow Gaussian far better than uniform noise: well under 8 bits/dim.
+    sde = VPSDE()
+    evaluator = LikelihoodEvaluator.build(random_images(low=110, high=146), small_eval_config(), centered=False)
+    mean = evaluator.x.mean(dim=0)
+    std = evaluator.x.std(dim=0)
+    result = evaluator.evaluate(gaussian_score(sde, mean, std), sde, EPS, "accurate")
+
+    x = evaluator.x.double()
+    mean, std = mean.double(), std.double()
+    mean_eps, std_eps = gaussian_marginal(sde, mean, std, t_of(EPS, x))
+    mean_T, std_T = gaussian_marginal(sde, mean, std, t_of(sde.T, x))
+    z = mean_T + std_T / std_eps * (x - mean_eps)
+    logp = gaussian_logp(sde, mean, std, x, t_of(EPS, x)) - gaussian_logp(sde, mean, std, z, t_of(sde.T, x)) \
+        + sde.prior_logp(z)
+    expected = bits_per_dim(logp, DIMS, centered=False)
+    assert result.per_image == pytest.approx(expected.tolist(), abs=1e-3)
+    assert result.stderr == pytest.approx((expected.std() / math.sqrt(len(expected))).item(), rel=1e-2)
+    assert result.mean < 6 and not result.flagged and result.reason is None
+
+
+def conv_score(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Tanh(), nn.Conv2d(8, 1, 3, padding=1))
+
+
+def as_score(net: nn.Module):
+    return lambda x, t: net(x) * (1 + t).reshape(-1, 1, 1, 1)
+
+
+def test_same_evaluator_and_model_give_the_same_bpd():
+    sde = VPSDE()
+    net = conv_score(0)
+    evaluator = LikelihoodEvaluator.build(random_images(), small_eval_config(), centered=False)
+    first = evaluator.evaluate(as_score(net), sde, EPS, "fast")
+    second = evaluator.evaluate(as_score(net), sde, EPS, "fast")
+    assert first.per_image == second.per_image and first.nfe == second.nfe
+
+
+def test_common_random_numbers_two_copies_score_identically_and_another_model_does_not():
+    sde = VPSDE()
+    images = random_images()
+    net = conv_score(0)
+    # Built twice (as the driver and a resumed driver would) and shipped through pickle (as Ray does).
+    evaluator_a = LikelihoodEvaluator.build(images, small_eval_config(), centered=False)
+    evaluator_b = pickle.loads(pickle.dumps(LikelihoodEvaluator.build(images, small_eval_config(), centered=False)))
+    a = evaluator_a.evaluate(as_score(net), sde, EPS, "fast")
+    b = evaluator_b.evaluate(as_score(copy.deepcopy(net)), sde, EPS, "fast")
+    assert a.per_image == b.per_image
+    other = evaluator_a.evaluate(as_score(conv_score(1)), sde, EPS, "fast")
+    assert other.mean != a.mean
+
+
+def test_evaluator_holds_only_small_cpu_tensors_fixed_by_the_seed():
+    images = random_images()
+    evaluator = LikelihoodEvaluator.build(images, small_eval_config(), centered=False)
+    same = LikelihoodEvaluator.build(images, small_eval_config(), centered=False)
+    other_seed = LikelihoodEvaluator.build(images, small_eval_config(seed=1), centered=False)
+    for tensor in (evaluator.x, evaluator.probes, evaluator.indices):
+        assert tensor.device.type == "cpu"
+    assert torch.equal(evaluator.x, same.x) and torch.equal(evaluator.probes, same.probes)
+    assert not torch.equal(evaluator.probes, other_seed.probes)
+    assert set(evaluator.probes.unique().tolist()) == {-1.0, 1.0}
+    assert len(pickle.dumps(evaluator)) < 10_000
+
+
+def test_exact_estimator_evaluator_has_no_probes_and_agrees_with_rademacher_on_a_diagonal_model():
+    sde = VPSDE()
+    images = random_images()
+    exact = LikelihoodEvaluator.build(images, small_eval_config("exact"), centered=False)
+    hutch = LikelihoodEvaluator.build(images, small_eval_config("rademacher"), centered=False)
+    assert exact.probes is None
+    a = exact.evaluate(zero_score, sde, EPS, "fast")
+    b = hutch.evaluate(zero_score, sde, EPS, "fast")
+    assert a.per_image == pytest.approx(b.per_image, abs=1e-5)
+
+
+# ---- failures are explicit -------------------------------------------------------------------------------
+def nan_score(x, t):
+    return torch.full_like(x, math.nan)
+
+
+def nan_late_score(x, t):
+    # Fine for t < 0.5, NaN afterwards: the failure happens mid-solve.
+    return torch.where((t > 0.5).reshape(-1, 1, 1, 1), math.nan, -x)
+
+
+def exploding_score(x, t):
+    # score = -c x makes dx/dt = beta (c - 1) x / 2; with c = 200 x grows like exp(995), past float32's range.
+    return -200.0 * x
+
+
+@pytest.mark.parametrize("score, words", [(nan_score, "NaN"), (nan_late_score, "NaN"), (exploding_score, "blew up")])
+def test_broken_models_give_a_failed_score_not_an_exception(score, words):
+    evaluator = LikelihoodEvaluator.build(random_images(), small_eval_config(), centered=False)
+    result = evaluator.evaluate(score, VPSDE(), EPS, "fast")
+    assert isinstance(result, BPDResult)
+    assert result.failed and result.flagged and result.mean == math.inf
+    assert words in result.reason
+    assert result.to_dict()["failed"] is True
+
+
+def test_an_ode_that_needs_too_many_evaluations_fails_with_that_reason():
+    images = random_images()
+    evaluator = LikelihoodEvaluator.build(images, small_eval_config(), centered=False, max_nfe=10)
+    result = evaluator.evaluate(as_score(conv_score(0)), VPSDE(), EPS, "accurate")
+    assert result.failed and "more than 10 function evaluations" in result.reason
+
+
+def test_log_likelihood_raises_odefailure_for_nan_scores():
+    x = torch.zeros(2, *SHAPE)
+    with pytest.raises(ODEFailure, match="NaN"):
+        log_likelihood(nan_score, VPSDE(), x, EPS, rtol=1e-3, atol=1e-3)
