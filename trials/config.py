@@ -154,6 +154,8 @@ class EvalConfig:
         _require(self.batch_size >= 1, f"{path}.batch_size", f"must be >= 1, got {self.batch_size}")
         self.fast.check(f"{path}.fast")
         self.accurate.check(f"{path}.accurate")
+        _require(self.fast.n_images <= self.accurate.n_images, f"{path}.fast.n_images",
+                 f"must be <= accurate.n_images ({self.accurate.n_images}): fast scores a prefix of the accurate subset")
 
 
 @dataclass(frozen=True)

@@ -237,12 +237,9 @@ class LikelihoodEvaluator:
         if val_images_uint8.dtype != torch.uint8 or val_images_uint8.dim() != 4:
             raise ValueError(f"validation images must be uint8 (N, C, H, W), got {val_images_uint8.dtype} "
                              f"{tuple(val_images_uint8.shape)}")
-        n, n_fast = cfg.accurate.n_images, cfg.fast.n_images
+        n = cfg.accurate.n_images  # EvalConfig.check keeps fast.n_images <= this
         if n > len(val_images_uint8):
             raise ConfigError(f"eval.accurate.n_images: {n} is more than the {len(val_images_uint8)} validation images")
-        if n_fast > n:
-            raise ConfigError(f"eval.fast.n_images: {n_fast} is more than eval.accurate.n_images ({n}); "
-                              "fast scores a prefix of the accurate subset")
         gen = torch.Generator().manual_seed(cfg.seed)
         indices = torch.randperm(len(val_images_uint8), generator=gen)[:n]
         images = val_images_uint8[indices].cpu()

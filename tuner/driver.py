@@ -103,8 +103,10 @@ def run(options: TuneOptions) -> int:
     storage.mkdir(parents=True, exist_ok=True)
     tracking_uri = options.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(storage)
 
-    _start_ray(options.address)
+    # Built before Ray starts, so that more evaluation images than the validation split holds is an
+    # error before anything runs.
     evaluator = LikelihoodEvaluator.build(data.val, base.eval, base.data.centered)
+    _start_ray(options.address)
     gpus = _gpus_per_trial(space)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, space=space, data=data, evaluator=evaluator,
@@ -188,7 +190,7 @@ def _tune_config(space: SearchSpace) -> tune.TuneConfig:
 
         searcher = ConcurrencyLimiter(
             OptunaSearch(space=space.to_optuna(), metric=METRIC, mode=MODE,
-                         sampler=optuna.samplers.TPESampler(seed=s.seed),
+                         sampler=optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.tpe_startup_trials),
                          points_to_evaluate=[dict(p) for p in space.points_to_evaluate] or None),
             max_concurrent=s.max_concurrent)
     else:

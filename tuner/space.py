@@ -67,6 +67,7 @@ class Hyperparameter:
 @dataclass(frozen=True)
 class SearchSettings:
     algorithm: str = "tpe"  # tpe (Optuna) | random
+    tpe_startup_trials: int = 10  # random trials before TPE models the results (Optuna's default)
     scheduler: str = "asha"  # asha | fifo
     num_samples: int = 16
     max_concurrent: int = 2
@@ -193,7 +194,7 @@ def parse_space(raw: dict[str, Any], where: str, sha256: str = "", default_name:
         fail("search.algorithm", f"must be 'tpe' or 'random', got {search.algorithm!r}")
     if search.scheduler not in ("asha", "fifo"):
         fail("search.scheduler", f"must be 'asha' or 'fifo', got {search.scheduler!r}")
-    for key in ("num_samples", "max_concurrent", "top_k", "grace_period"):
+    for key in ("num_samples", "max_concurrent", "top_k", "grace_period", "tpe_startup_trials"):
         if getattr(search, key) < 1:
             fail(f"search.{key}", f"must be >= 1, got {getattr(search, key)}")
     if search.reduction_factor < 2:
