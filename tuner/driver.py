@@ -118,6 +118,9 @@ def run(options: TuneOptions) -> int:
     print(f"MLflow: {tracking_uri} (experiment {tracker.experiment_id}, parent run {tracker.parent_run_id})", flush=True)
 
     _forward_sigterm_as_sigint()
+    # Keeping one checkpoint per trial makes Tune snapshot its state at every report and warn about it each
+    # time; at a handful of reports a minute the snapshots are cheap and the warning is only noise.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if options.resume:
         print(f"Resuming {experiment_dir}", flush=True)
         tuner = tune.Tuner.restore(str(experiment_dir), trainable, resume_unfinished=True, resume_errored=False)
