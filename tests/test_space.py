@@ -175,3 +175,12 @@ def test_tune_cli_rejects_mnist_without_root_before_starting(tmp_path):
                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert out.returncode == 2 and "data.root" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_readme_example_space_is_a_valid_space(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Search spaces", 1)[1]
+    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    space = load_space(write(tmp_path, example))
+    assert space.name == "cpu" and {hp.name for hp in space.hyperparameters} == {"lr", "ch_mult"}
+    assert space.search.tpe_startup_trials == 4 and space.points_to_evaluate == ()
