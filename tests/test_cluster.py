@@ -231,7 +231,7 @@ def test_trials_run_on_the_node_the_driver_is_not_on_with_the_drivers_code(exper
     assert set(node_of_trial.values()) <= {cluster.head_node_id, cluster.worker_node_id}
     assert cluster.worker_node_id in node_of_trial.values(), "no trial ran on the node the driver is not on"
 
-    rescores = [t for t in ray_list(cluster.address, cluster.env, "tasks") if t["name"] == "_rescore_in_worker"]
+    rescores = [t for t in ray_list(cluster.address, cluster.env, "tasks") if t["name"] == "rescore_checkpoint"]
     assert len(rescores) == table.val_bpd_accurate.notna().sum() > 0
     assert {t["state"] for t in rescores} == {"FINISHED"}
 

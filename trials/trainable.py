@@ -83,8 +83,10 @@ def run_trial(params: dict[str, Any], *, space: TrialSpace, data: MnistData, eva
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
-def rescore_checkpoint(checkpoint_dir: str, evaluator: LikelihoodEvaluator, device: str = "auto") -> dict[str, Any]:
+def rescore_checkpoint(checkpoint_dir: str, evaluator: LikelihoodEvaluator, device: str = "auto",
+                       threads: int = 1) -> dict[str, Any]:
     """Accurate-fidelity val bits/dim of a trial's checkpoint (its EMA weights), as a plain dict."""
+    torch.set_num_threads(threads)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     ckpt = load_checkpoint(Path(checkpoint_dir) / CHECKPOINT_FILE)

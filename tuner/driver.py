@@ -242,9 +242,10 @@ def _rescore(candidates: list[tuple[Any, str]], evaluator: LikelihoodEvaluator, 
     print(f"\nRe-scoring the top {len(candidates)} trials at accurate fidelity "
           f"({space.base_config.eval.accurate.n_images} images, rtol={space.base_config.eval.accurate.rtol:g}) ...",
           flush=True)
-    task = ray.remote(num_cpus=space.resources.cpus_per_trial, num_gpus=gpus)(_rescore_in_worker)
+    task = ray.remote(num_cpus=space.resources.cpus_per_trial, num_gpus=gpus)(rescore_checkpoint)
     evaluator_ref = ray.put(evaluator)
-    refs = {trial.trial_id: task.remote(path, evaluator_ref, space.resources.cpus_per_trial) for trial, path in candidates}
+    threads = max(1, int(space.resources.cpus_per_trial))
+    refs = {trial.trial_id: task.remote(path, evaluator_ref, threads=threads) for trial, path in candidates}
     out = {}
     for trial_id, ref in refs.items():
         out[trial_id] = ray.get(ref)
@@ -252,13 +253,6 @@ def _rescore(candidates: list[tuple[Any, str]], evaluator: LikelihoodEvaluator, 
         status = f"failed: {r['reason']}" if r["failed"] else f"{r['mean']:.4f} ± {r['stderr']:.4f} bits/dim, NFE {r['nfe']}"
         print(f"  {trial_id}: {status}", flush=True)
     return out
-
-
-def _rescore_in_worker(checkpoint_dir: str, evaluator: LikelihoodEvaluator, cpus: float) -> dict[str, Any]:
-    import torch
-
-    torch.set_num_threads(max(1, int(cpus)))
-    return rescore_checkpoint(checkpoint_dir, evaluator)
 
 
 def _print_summary(table, export: Export, tracking_uri: str) -> None:
