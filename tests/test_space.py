@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tuner.space import SearchSpace, SpaceError, load_space
+from tuner.space import SpaceError, load_space
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))

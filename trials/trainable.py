@@ -24,9 +24,9 @@ from ray import tune
 from trials.config import TrialConfig
 from trials.data import MnistData
 from trials.likelihood import BPDResult, LikelihoodEvaluator
+from trials.model import score_fn
 from trials.sde import VPSDE
 from trials.train import Trainer, eval_model_from_checkpoint, load_checkpoint
-from trials.model import score_fn
 
 CHECKPOINT_FILE = "trainer.pt"
 
