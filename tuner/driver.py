@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import signal
 import sys
@@ -248,7 +249,11 @@ def _rescore(candidates: list[tuple[Any, str]], evaluator: LikelihoodEvaluator, 
     refs = {trial.trial_id: task.remote(path, evaluator_ref, threads=threads) for trial, path in candidates}
     out = {}
     for trial_id, ref in refs.items():
-        out[trial_id] = ray.get(ref)
+        try:
+            out[trial_id] = ray.get(ref)
+        except ray.exceptions.RayError as exc:  # a lost checkpoint or a dead node costs one re-score, not the export
+            out[trial_id] = {"failed": True, "mean": math.inf, "stderr": math.nan, "nfe": 0,
+                             "reason": f"re-scoring failed: {str(exc).strip().splitlines()[-1][:300]}"}
         r = out[trial_id]
         status = f"failed: {r['reason']}" if r["failed"] else f"{r['mean']:.4f} ± {r['stderr']:.4f} bits/dim, NFE {r['nfe']}"
         print(f"  {trial_id}: {status}", flush=True)
