@@ -1,12 +1,18 @@
-"""Tuning efficiency under one CPU time budget: TPE + ASHA against random search + FIFO (the seed's setup).
+"""Tuning efficiency: does the search find better configs faster than random search + FIFO (the seed's setup)?
 
-    python bench/tuning_efficiency.py [--budget 180] [--seeds 0 1] [--space search_spaces/cpu.yaml]
+    python bench/tuning_efficiency.py --replay [--seeds 50] [--table bench/data/cpu_curves.csv]
+    python bench/tuning_efficiency.py --live [--budget 480] [--seeds 0] [--strategies default random-fifo]
 
-Runs `tune.py` once per (strategy, seed) on mnist-5k with the same wall-clock budget and a trial count
-large enough that the budget, not the count, ends the search. From each experiment's trial histories it
-reads the best fast val bits/dim reached and the time (from the first trial's start) at which each run
-first reached a common target: the worst of all runs' best values, so every run reaches it. Prints a
-markdown table. Each run starts its own local Ray.
+--replay (minutes on 2 cores) replays each strategy against the recorded learning curves of
+bench/record_curves.py in simulated time, 2 trials at a time, over many seeds, driving the libraries' own
+searcher and scheduler code (bench/replay.py). It prints, per strategy, the median best fast val bits/dim at
+budgets of 5, 10, 20 and 40 minutes with its 95% interval and interquartile range, the median time to a
+common target (the median 40-minute best of random + FIFO) and, as the last line,
+`speedup_vs_random_fifo: X`: random + FIFO's median time to target over the default strategy's (the
+space's own search settings).
+
+--live runs `tune.py` on the real space once per (strategy, seed) with a wall-clock budget and reports the
+same figures from the trials' real histories.
 """
 
 from __future__ import annotations
@@ -18,17 +24,22 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-STRATEGIES = {"TPE + ASHA": ("tpe", "asha"), "random + FIFO": ("random", "fifo")}
+sys.path.insert(0, str(ROOT))
+BUDGETS_MIN = (5, 10, 20, 40)
+LIVE = {"default": None, "random-fifo": ("random", "fifo")}  # None: the space's own search settings
 
 
-def run_experiment(space: dict, algorithm: str, scheduler: str, seed: int, budget: float, workdir: Path) -> pd.DataFrame:
+def run_experiment(space: dict, label: str, seed: int, budget: float, workdir: Path) -> pd.DataFrame:
     raw = yaml.safe_load(yaml.safe_dump(space))
-    raw["name"] = f"{algorithm}-{scheduler}-{seed}"
-    raw["search"].update(algorithm=algorithm, scheduler=scheduler, seed=seed, num_samples=200, top_k=1)
+    raw["name"] = f"{label}-{seed}"
+    if LIVE[label] is not None:
+        raw["search"].update(algorithm=LIVE[label][0], scheduler=LIVE[label][1])
+    raw["search"].update(seed=seed, num_samples=200, top_k=1)
     path = workdir / f"{raw['name']}.yaml"
     path.write_text(yaml.safe_dump(raw))
     cmd = [sys.executable, str(ROOT / "tune.py"), "--space", str(path), "--storage", str(workdir / "runs"),
@@ -53,33 +64,145 @@ def trial_histories(experiment: Path) -> pd.DataFrame:
     return rows[rows["val_bpd"].map(math.isfinite)].sort_values("elapsed")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--budget", type=float, default=180.0, help="seconds per experiment")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--space", type=Path, default=ROOT / "search_spaces" / "cpu.yaml")
-    args = p.parse_args()
+# ---- replay ----------------------------------------------------------------------------------------------
+def replay_strategies(space, table, grace: int, rf: int) -> dict:
+    """label -> Strategy. The first is the baseline; 'default' marks the space's own settings."""
+    import optuna
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from bench.replay import Strategy
+    from tuner.searcher import OptunaSearcher, make_sampler
+    from tuner.space import METRIC, MODE
+
+    full = table.full_steps
+    startup = space.search.startup_trials
+
+    def ours(algorithm: str, drop: tuple[str, ...] = ()):
+        dists = {k: v for k, v in space.to_optuna().items() if k not in drop}
+        return lambda seed: OptunaSearcher(dists, make_sampler(algorithm, seed, startup), metric=METRIC, mode=MODE,
+                                           full_steps=full, study_name=f"replay-{seed}")
+
+    def ray_tpe(seed):  # the searcher before this change: every trial told COMPLETE at whatever step it ended
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        return OptunaSearch(space=space.to_optuna(), metric=METRIC, mode=MODE,
+                            sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup))
+
+    def asha(g=grace, r=rf):
+        return lambda: ASHAScheduler(time_attr="step", metric=METRIC, mode=MODE, max_t=full, grace_period=g,
+                                     reduction_factor=r)
+
+    return {
+        "random + FIFO": Strategy("random + FIFO", ours("random"), FIFOScheduler),
+        "random + ASHA": Strategy("random + ASHA", ours("random"), asha()),
+        "TPE + ASHA (Ray OptunaSearch, before)": Strategy("TPE + ASHA (before)", ray_tpe, asha()),
+        "TPE + ASHA": Strategy("TPE + ASHA", ours("tpe"), asha()),
+        "TPE + FIFO": Strategy("TPE + FIFO", ours("tpe"), FIFOScheduler),
+        "GP + ASHA": Strategy("GP + ASHA", ours("gp"), asha()),
+        "GP + FIFO": Strategy("GP + FIFO", ours("gp"), FIFOScheduler),
+        "TPE + ASHA, eps at scoring": Strategy("TPE + ASHA, eps at scoring", ours("tpe", ("sampling_eps",)),
+                                               asha(), eps_at_scoring=True),
+        f"TPE + ASHA, grace {grace}, rf 4": Strategy("TPE + ASHA rf4", ours("tpe"), asha(grace, 4)),
+        f"TPE + ASHA, grace {2 * grace}, rf {rf}": Strategy("TPE + ASHA g2", ours("tpe"), asha(2 * grace, rf)),
+    }
+
+
+def _replay_job(job):
+    label, seed, args = job
+    from bench.replay import CurveTable, simulate
+    from tuner.space import load_space
+
+    space = load_space(args["space"])
+    table = CurveTable.read(args["table"])
+    strategy = replay_strategies(space, table, space.search.grace_period, space.search.reduction_factor)[label]
+    return label, seed, simulate(strategy, table, seed, max(BUDGETS_MIN) * 60.0, slots=args["slots"])
+
+
+def replay(args) -> None:
+    import multiprocessing as mp
+    import time
+
+    from bench.replay import CurveTable, median_ci, quartiles
+    from tuner.space import load_space
+
+    space = load_space(args.space)
+    table = CurveTable.read(args.table)
+    labels = list(replay_strategies(space, table, space.search.grace_period, space.search.reduction_factor))
+    if args.strategies:
+        labels = [l for l in labels if l in args.strategies or l == "random + FIFO"]
+    default = {("tpe", "asha"): "TPE + ASHA", ("gp", "asha"): "GP + ASHA", ("gp", "fifo"): "GP + FIFO",
+               ("tpe", "fifo"): "TPE + FIFO", ("random", "fifo"): "random + FIFO",
+               ("random", "asha"): "random + ASHA"}[(space.search.algorithm, space.search.scheduler)]
+    jobs = [(label, seed, {"space": str(args.space), "table": str(args.table), "slots": args.slots})
+            for label in labels for seed in range(args.seeds)]
+    print(f"replaying {len(labels)} strategies x {args.seeds} seeds on {args.table} "
+          f"({len(table.curves)} recorded configs, {args.slots} trials at a time) ...", file=sys.stderr, flush=True)
+    runs: dict[str, list] = {label: [] for label in labels}
+    start = time.time()
+    with mp.get_context("spawn").Pool(args.workers) as pool:
+        for i, (label, seed, run) in enumerate(pool.imap_unordered(_replay_job, jobs), 1):
+            runs[label].append(run)
+            if i % 25 == 0 or i == len(jobs):
+                print(f"  {i}/{len(jobs)} runs, {time.time() - start:.0f} s", file=sys.stderr, flush=True)
+
+    horizon = max(BUDGETS_MIN) * 60
+    target = float(np.median([r.best_by(horizon) for r in runs["random + FIFO"]]))
+    best_grid = table.frame.loc[table.frame.val_bpd.map(math.isfinite), "val_bpd"].min()
+    print(f"\nReplay of {args.table} ({len(table.curves)} configs, best recorded {best_grid:.3f} bits/dim), "
+          f"{args.seeds} seeds, {args.slots} trials at a time. Best fast val bits/dim by budget: median "
+          f"[95% interval of the median] (IQR). Target = random + FIFO's median 40-minute best = {target:.3f}.\n")
+    print("| strategy | " + " | ".join(f"{b} min" for b in BUDGETS_MIN) + " | time to target, min: median (IQR) | reached | trials in 40 min |")
+    print("|---|" + "---:|" * (len(BUDGETS_MIN) + 3))
+    ttt = {}
+    for label in labels:
+        cells = []
+        for b in BUDGETS_MIN:
+            med, lo, hi = median_ci([r.best_by(b * 60) for r in runs[label]])
+            q1, q3 = quartiles([r.best_by(b * 60) for r in runs[label]])
+            cells.append(f"{med:.3f} [{lo:.3f}, {hi:.3f}] ({q1:.3f}-{q3:.3f})")
+        times = [r.time_to(target) / 60 for r in runs[label]]
+        ttt[label] = float(np.median(times))
+        q1, q3 = quartiles(times)
+        reached = sum(math.isfinite(t) for t in times)
+        trials = np.median([r.trials for r in runs[label]])
+        name = f"**{label}** (default)" if label == default else label
+        print(f"| {name} | " + " | ".join(cells) + f" | {ttt[label]:.1f} ({q1:.1f}-{q3:.1f}) | {reached}/{len(times)} | {trials:.0f} |")
+    print()
+    print(f"speedup_vs_random_fifo: {ttt['random + FIFO'] / ttt[default]:.2f}")
+
+
+def live(args) -> None:
     space = yaml.safe_load(args.space.read_text())
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for label, (algorithm, scheduler) in STRATEGIES.items():
-            for seed in args.seeds:
-                history = run_experiment(space, algorithm, scheduler, seed, args.budget, Path(tmp))
+        for label in args.strategies or list(LIVE):
+            for seed in args.live_seeds:
+                history = run_experiment(space, label, seed, args.budget, Path(tmp))
                 results.append((label, seed, history))
-    target = max(h["val_bpd"].min() for _, _, h in results)
-    print(f"\nspace {args.space.name}, budget {args.budget:.0f} s per run, target = worst run's best = {target:.3f} bits/dim\n")
-    print("| strategy | seed | trials started | rung reports | best val bpd (fast) | time to target (s) |")
-    print("|---|---:|---:|---:|---:|---:|")
-    summary = {}
+    print(f"\nspace {args.space.name}, live, budget {args.budget:.0f} s per run\n")
+    print("| strategy | seed | trials started | rung reports | " +
+          " | ".join(f"best by {b} min" for b in BUDGETS_MIN if b * 60 <= args.budget) + " | best |")
+    print("|---|---:|---:|---:|" + "---:|" * (sum(b * 60 <= args.budget for b in BUDGETS_MIN) + 1))
     for label, seed, h in results:
-        reached = h[h["val_bpd"] <= target + 1e-12]["elapsed"].min()
-        print(f"| {label} | {seed} | {h['trial_id'].nunique()} | {len(h)} | {h['val_bpd'].min():.3f} | {reached:.0f} |")
-        summary.setdefault(label, []).append((h["val_bpd"].min(), reached))
-    print()
-    for label, values in summary.items():
-        best = sum(v[0] for v in values) / len(values)
-        when = sum(v[1] for v in values) / len(values)
-        print(f"{label}: mean best {best:.3f} bits/dim, mean time to target {when:.0f} s")
+        cells = [f"{h[h.elapsed <= b * 60].val_bpd.min():.3f}" for b in BUDGETS_MIN if b * 60 <= args.budget]
+        print(f"| {label} | {seed} | {h['trial_id'].nunique()} | {len(h)} | " + " | ".join(cells) + f" | {h.val_bpd.min():.3f} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--replay", action="store_true", help="replay strategies against the recorded curves")
+    mode.add_argument("--live", action="store_true", help="run tune.py for real under a time budget")
+    p.add_argument("--space", type=Path, default=ROOT / "search_spaces" / "cpu.yaml")
+    p.add_argument("--table", type=Path, default=ROOT / "bench" / "data" / "cpu_curves.csv")
+    p.add_argument("--seeds", type=int, default=50, help="replay: seeds per strategy")
+    p.add_argument("--slots", type=int, default=2, help="replay: trials at a time")
+    p.add_argument("--workers", type=int, default=2, help="replay: processes")
+    p.add_argument("--strategies", nargs="+", default=None, help="replay: labels to run (random + FIFO always); live: default, random-fifo")
+    p.add_argument("--budget", type=float, default=480.0, help="live: seconds per experiment")
+    p.add_argument("--live-seeds", type=int, nargs="+", default=[0])
+    args = p.parse_args()
+    replay(args) if args.replay else live(args)
 
 
 if __name__ == "__main__":

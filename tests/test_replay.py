@@ -1,0 +1,87 @@
+"""The tuning replay's clock and its statistics, on a small synthetic curve table (no Ray, no training)."""
+
+import itertools
+import math
+
+import numpy as np
+import pandas as pd
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+from bench.replay import CurveTable, Strategy, median_ci, simulate
+from tuner.searcher import OptunaSearcher, make_sampler
+
+import optuna.distributions as od
+
+STEPS = (10, 20, 40)
+LRS = (1e-4, 1e-3, 1e-2)
+
+
+def table(train_seconds=5.0, eval_seconds=1.0, setup=2.0) -> CurveTable:
+    rows = []
+    for lr, b in itertools.product(LRS, (16, 32)):
+        for step in STEPS:
+            for eps in (1e-5, 1e-3):
+                value = 10 - math.log10(lr) * step / 40 + (0.5 if eps == 1e-3 else 0.0)
+                rows.append({"lr": lr, "batch_size": b, "num_res_blocks": 1, "ch_mult": "1,2,2", "step": step,
+                             "sampling_eps": eps, "val_bpd": value, "eval_seconds": eval_seconds,
+                             "train_seconds": train_seconds, "setup_seconds": setup, "diverged": False})
+    return CurveTable(pd.DataFrame(rows))
+
+
+SPACE = {"lr": od.FloatDistribution(1e-4, 1e-2, log=True), "batch_size": od.CategoricalDistribution([16, 32]),
+         "num_res_blocks": od.CategoricalDistribution([1]), "ch_mult": od.CategoricalDistribution(["1,2,2"]),
+         "sampling_eps": od.FloatDistribution(1e-5, 1e-3, log=True)}
+
+
+def random_searcher(seed):
+    return OptunaSearcher(SPACE, make_sampler("random", seed, 1), metric="val_bpd", mode="min", full_steps=40,
+                          study_name="t")
+
+
+def test_snap_is_nearest_on_a_log_scale():
+    t = table()
+    key, eps = t.snap({"lr": 3.5e-3, "batch_size": 32, "num_res_blocks": 1, "ch_mult": "1,2,2", "sampling_eps": 2e-4})
+    assert key == (1e-2, 32, 1, "1,2,2") and eps == 1e-3  # log10 3.5e-3 = -2.46 is nearer -2 than -3
+    key, eps = t.snap({"lr": 2.9e-3, "batch_size": 16, "num_res_blocks": 1, "ch_mult": "1,2,2", "sampling_eps": 9e-5})
+    assert key == (1e-3, 16, 1, "1,2,2") and eps == 1e-5
+
+
+def test_fifo_clock_runs_every_trial_to_the_end_two_at_a_time():
+    # Each trial: setup 2 + 3 rungs x (train 5 + eval 1) = 20 s; 2 slots for 100 s -> 5 rounds of 2 trials.
+    run = simulate(Strategy("fifo", random_searcher, FIFOScheduler), table(), seed=0, horizon_s=100.0)
+    times = sorted(t for t, _ in run.reports)
+    assert times == [t for r in range(5) for t in (20 * r + 8, 20 * r + 8, 20 * r + 14, 20 * r + 14, 20 * r + 20, 20 * r + 20)]
+    assert run.trials == 12  # 10 finished, and the 2 started at 100 s
+
+
+def test_asha_stops_trials_and_starts_more_in_the_same_time():
+    asha = lambda: ASHAScheduler(time_attr="step", metric="val_bpd", mode="min", max_t=40, grace_period=10,
+                                 reduction_factor=2)
+    fifo_run = simulate(Strategy("fifo", random_searcher, FIFOScheduler), table(), seed=1, horizon_s=400.0)
+    asha_run = simulate(Strategy("asha", random_searcher, asha), table(), seed=1, horizon_s=400.0)
+    assert asha_run.trials > fifo_run.trials
+    assert len(asha_run.reports) > len(fifo_run.reports) - asha_run.trials  # stopped trials report fewer rungs
+
+
+def test_eps_at_scoring_reports_the_best_eps_and_pays_for_every_eps():
+    one = simulate(Strategy("one", random_searcher, FIFOScheduler), table(), seed=0, horizon_s=20.0)
+    every = simulate(Strategy("every", random_searcher, FIFOScheduler, eps_at_scoring=True), table(), seed=0,
+                     horizon_s=23.0)
+    assert [t for t, _ in every.reports][:1] == [9.0]  # setup 2 + train 5 + two evals of 1 s
+    assert min(v for _, v in every.reports) <= min(v for _, v in one.reports)
+
+
+def test_best_by_and_time_to_target():
+    run = simulate(Strategy("fifo", random_searcher, FIFOScheduler), table(), seed=0, horizon_s=100.0)
+    target = run.best_by(100.0)
+    assert run.time_to(target) <= 100.0 and run.best_by(run.time_to(target)) == target
+    assert run.time_to(target - 1e-9) == math.inf and run.best_by(1.0) == math.inf
+
+
+def test_median_interval_covers_the_median_and_tightens_with_more_seeds():
+    rng = np.random.default_rng(0)
+    small, large = rng.normal(size=20), rng.normal(size=400)
+    for x in (small, large):
+        med, lo, hi = median_ci(x)
+        assert lo <= med <= hi
+    assert (median_ci(large)[2] - median_ci(large)[1]) < (median_ci(small)[2] - median_ci(small)[1])
