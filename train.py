@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         run_id = log_full_run(uri, run_name=f"full-run {origin}".strip(), params=plan.cfg.flat(),
                               metrics=full_run.summary_metrics(metrics), history=metrics["history"],
                               tags={"test_split": plan.test_split, "out_dir": str(plan.out_dir.resolve()),
-                                    "config_file": str(args.config)},
+                                    "config_file": str(args.config), "precision": plan.trainer.precision},
                               provenance=plan.provenance, artifacts=artifacts)
     except Exception as exc:  # a store that is down or refuses: the results are safe on disk, say so
         detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__

@@ -44,6 +44,7 @@ def test_yaml_style_exponent_strings_are_numbers():
         ({"eval": {"fast": {"rtol": 0}}}, "eval.fast.rtol"),
         ({"eval": {"estimator": "exactly"}}, "eval.estimator"),
         ({"train": {"device": "tpu"}}, "train.device"),
+        ({"train": {"precision": "fp16"}}, "train.precision"),
         ({"train": 3}, "train: must be a mapping"),
     ],
 )

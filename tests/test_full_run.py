@@ -143,6 +143,8 @@ def test_full_run_end_to_end_stops_resumes_measures_and_logs(exported, mnist5k, 
     assert 0 < bpd["mean"] < 30 and bpd["stderr"] > 0 and bpd["nfe"] > 0 and not bpd["failed"]
     assert bpd["fidelity"]["name"] == "accurate" and bpd["fidelity"]["n_images"] == 8 == len(bpd["per_image"])
     assert metrics["train"]["steps"] == steps and metrics["train"]["resumed_from_step"] == stopped_at
+    assert metrics["train"]["precision"] == "fp32"  # the config does not set it: the default
+    assert {r["precision"] for r in metrics["history"]} == {"fp32"}
     history_steps = [r["step"] for r in metrics["history"]]
     assert history_steps[-len(expected):] == expected and history_steps[0] == 5  # both sessions' records
     assert metrics["train"]["final_train_loss"] == metrics["history"][-1]["train_loss"]

@@ -104,6 +104,9 @@ class TrainConfig:
     log_every: int = 50
     num_threads: int = 0  # CPU threads for torch; 0 leaves torch's default
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
+    # "fp32", "bf16" (autocast for the network's training forward; trials/precision.py) or "auto" (bf16 where
+    # the device has bf16 units). The default stays fp32 so configs written before it train as they did.
+    precision: str = "fp32"
 
     def check(self, path: str) -> None:
         _require(self.lr >= 0 and math.isfinite(self.lr), f"{path}.lr", f"must be a finite number >= 0, got {self.lr}")
@@ -119,6 +122,8 @@ class TrainConfig:
         _require(self.num_threads >= 0, f"{path}.num_threads", f"must be >= 0, got {self.num_threads}")
         _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                  f"{path}.device", f"must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        _require(self.precision in ("fp32", "bf16", "auto"), f"{path}.precision",
+                 f"must be 'fp32', 'bf16' or 'auto', got {self.precision!r}")
 
 
 @dataclass(frozen=True)

@@ -167,8 +167,8 @@ def describe(plan: FullRunPlan) -> list[str]:
         f"Full run of {origin}: {plan.config_path}",
         f"Data: {plan.data.name}, {len(plan.data.train):,} training images; test bits/dim on {split}, "
         f"{n_test:,} of {len(plan.data.test):,} images",
-        f"Model: {params:,} parameters on {plan.trainer.device}; {cfg.train.steps:,} steps of batch "
-        f"{cfg.train.batch_size}; output in {plan.out_dir}",
+        f"Model: {params:,} parameters on {plan.trainer.device}, {plan.trainer.precision} training; "
+        f"{cfg.train.steps:,} steps of batch {cfg.train.batch_size}; output in {plan.out_dir}",
     ]
 
 
@@ -276,7 +276,7 @@ def finish(plan: FullRunPlan, outcome: TrainOutcome, log: Log = print) -> dict[s
         "device": str(trainer.device),
         "data": {"name": plan.data.name, "train_images": len(plan.data.train), "val_images": len(plan.data.val),
                  "test_split": plan.test_split, "test_split_images": len(plan.data.test)},
-        "train": {"steps": outcome.step, "final_train_loss": last_loss, "val_dsm": val_dsm,
+        "train": {"steps": outcome.step, "precision": trainer.precision, "final_train_loss": last_loss, "val_dsm": val_dsm,
                   "val_dsm_images": min(cfg.train.val_images, len(plan.data.val)),
                   "seconds": outcome.seconds, "resumed_from_step": outcome.resumed_from,
                   "parameters": sum(p.numel() for p in trainer.model.parameters())},

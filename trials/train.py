@@ -22,6 +22,7 @@ from torch.optim.swa_utils import AveragedModel
 from trials.config import TrialConfig
 from trials.data import MnistData, to_model_space
 from trials.model import UNet, score_fn
+from trials.precision import autocast_forward, resolve_precision, use_cuda_fast_math
 from trials.sde import VPSDE, per_sample
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -69,6 +70,9 @@ class Trainer:
         self.device = torch.device(device) if device is not None else resolve_device(cfg.train.device)
         if cfg.train.num_threads > 0:
             torch.set_num_threads(cfg.train.num_threads)
+        if self.device.type == "cuda":
+            use_cuda_fast_math()
+        self.precision = resolve_precision(cfg.train.precision, self.device)  # "fp32" or "bf16"
         self.sde = VPSDE(cfg.sde.beta_min, cfg.sde.beta_max, cfg.sde.T)
         self.train_images = data.train
         torch.manual_seed(cfg.train.seed)  # model init and dropout
@@ -124,6 +128,7 @@ class Trainer:
 
     @torch.no_grad()
     def val_dsm(self) -> float:
+        """DSM loss of the evaluation weights on the fixed validation batch, in float32 at any precision."""
         x0, t, z = self._val_batch
         chunk = max(self.cfg.train.batch_size, 64)
         total = 0.0
@@ -139,7 +144,8 @@ class Trainer:
         tc = self.cfg.train
         until = tc.steps if until_step is None else until_step
         self.model.train()
-        score = score_fn(self.model, self.sde)
+        # Only the network's forward runs in bf16; dsm_loss gets its output in float32 (trials/precision.py).
+        score = score_fn(autocast_forward(self.model, self.device.type, self.precision), self.sde)
         window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
         while self.step < until:
             x0, t, z = self._draw_batch()
@@ -164,7 +170,7 @@ class Trainer:
                 seconds = time.perf_counter() - window_start
                 record = {"step": self.step, "train_loss": window_loss / window_steps,
                           "images_per_sec": window_steps * tc.batch_size / max(seconds, 1e-9),
-                          "lr": self._lr_at(self.step - 1), "diverged": False}
+                          "lr": self._lr_at(self.step - 1), "precision": self.precision, "diverged": False}
                 if at_val:
                     record["val_dsm"] = self.val_dsm()
                     if not math.isfinite(record["val_dsm"]):

@@ -73,6 +73,7 @@ def run_trial(params: dict[str, Any], *, space: TrialSpace, data: MnistData, eva
             "nfe": bpd.nfe,
             "eval_seconds": bpd.seconds,
             "images_per_sec": record["images_per_sec"],
+            "precision": record["precision"],  # what train.precision resolved to on this device
             "seconds": seconds_before + time.perf_counter() - start,
             "diverged": False,
             "bpd_failed": bpd.failed,

@@ -106,6 +106,8 @@ class ExperimentTracker:
         step, now = int(result.get("step", 0)), _now_ms()
         metrics = [Metric(k, float(result[k]), now, step) for k in METRIC_KEYS if k in result and _finite(result[k])]
         tags = [RunTag("reason", str(result["reason"]))] if result.get("reason") else []
+        if result.get("precision"):  # what train.precision resolved to on the trial's device
+            tags.append(RunTag("precision", str(result["precision"])))
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
 
     def log_comparison(self, run_id: str, diff: float, stderr: float, tied: bool) -> None:
