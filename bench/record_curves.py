@@ -1,6 +1,7 @@
 """Record real learning curves over a grid of a search space, once, for the tuning replay.
 
     python bench/record_curves.py [--space search_spaces/cpu.yaml] [--out bench/data/cpu_curves.csv]
+                                  [--weights runs/curve_weights] [--phase train|score|both]
                                   [--workers 2] [--lrs 1e-5 ...] [--eps 1e-5 1e-4 1e-3]
 
 Every grid point (lr x batch_size x num_res_blocks x ch_mult from the space's choices, with the `--lrs`
@@ -11,8 +12,12 @@ for each sampling eps in `--eps`: sampling_eps changes only the evaluation, so o
 every eps. Training seconds and evaluation seconds are kept apart (so the table can be re-timed), with
 the NFE of every evaluation.
 
-One CSV row per (config, rung, eps). A config's rows are appended when it finishes, so an interrupted
-recording resumes where it stopped: run the same command again.
+Two phases, each resumable (run the same command again after an interruption):
+  train   trains every grid point and keeps its EMA weights at every rung under --weights (with the
+          training seconds, losses and precision), a config at a time;
+  score   scores every kept rung with the space's evaluator at each eps and appends one CSV row per
+          (config, rung, eps) to --out, a config at a time.
+Keeping the weights lets the table be re-scored when the evaluator changes, without training again.
 """
 
 from __future__ import annotations
@@ -64,36 +69,73 @@ def _init_worker(space_path: str) -> None:
                    evaluator=LikelihoodEvaluator.build(data.val, base.eval, base.data.centered))
 
 
-def record_one(args: tuple[dict, list[float]]) -> list[dict]:
-    """Train one grid point through every rung; score each rung at every eps."""
-    point, eps_grid = args
+def _folder(weights: Path, point: dict) -> Path:
+    lr, b, r, m = key(point)
+    return weights / f"lr{lr}_b{b}_r{r}_m{m.replace(',', '-')}"
+
+
+def train_one(args: tuple[dict, str]) -> dict:
+    """Train one grid point through every rung, keeping the EMA weights at each."""
+    import json
+
+    import torch
+
     from trials.train import Trainer
 
-    space, data, evaluator = _worker["space"], _worker["data"], _worker["evaluator"]
-    params = {n: point[n] for n in ("lr", "batch_size", "num_res_blocks", "ch_mult")}
-    params["sampling_eps"] = eps_grid[0]
-    cfg = space.trial_config(params)
+    point, weights = args
+    space, data = _worker["space"], _worker["data"]
+    cfg = space.trial_config({n: point[n] for n in ("lr", "batch_size", "num_res_blocks", "ch_mult")})
+    folder = _folder(Path(weights), point)
+    folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     trainer = Trainer(cfg, data)
     setup = time.perf_counter() - start
-    rows, segment_start = [], time.perf_counter()
+    rungs, segment_start = [], time.perf_counter()
     for record in trainer.run():
         if not record["diverged"] and "val_dsm" not in record:
             continue
-        train_seconds = time.perf_counter() - segment_start
-        common = {**point, "step": record["step"], "train_seconds": train_seconds, "setup_seconds": setup,
-                  "train_loss": record.get("train_loss", math.nan), "val_dsm": record.get("val_dsm", math.nan),
-                  "precision": record.get("precision", getattr(cfg.train, "precision", "fp32"))}
+        rung = {"step": record["step"], "train_seconds": time.perf_counter() - segment_start,
+                "train_loss": record.get("train_loss", math.nan), "val_dsm": record.get("val_dsm", math.nan),
+                "precision": record.get("precision", trainer.precision), "diverged": bool(record["diverged"])}
+        rungs.append(rung)
         if record["diverged"]:
+            break
+        torch.save({"config": cfg.to_dict(), "model": trainer.eval_model.state_dict(), "ema": None},
+                   folder / f"step{record['step']}.pt")
+        segment_start = time.perf_counter()
+    summary = {**point, "setup_seconds": setup, "rungs": rungs}
+    (folder / "rungs.json").write_text(json.dumps(summary))  # written last: the config's "done" mark
+    return summary
+
+
+def score_one(args: tuple[dict, str, list[float]]) -> list[dict]:
+    """Score every kept rung of one grid point at every eps with the space's evaluator."""
+    import json
+
+    import torch
+
+    from trials.model import score_fn
+    from trials.sde import VPSDE
+    from trials.train import eval_model_from_checkpoint
+
+    point, weights, eps_grid = args
+    evaluator = _worker["evaluator"]
+    folder = _folder(Path(weights), point)
+    summary = json.loads((folder / "rungs.json").read_text())
+    rows = []
+    for rung in summary["rungs"]:
+        common = {**point, **{k: rung[k] for k in ("step", "train_seconds", "train_loss", "val_dsm", "precision")},
+                  "setup_seconds": summary["setup_seconds"]}
+        if rung["diverged"]:
             rows += [{**common, "sampling_eps": eps, "val_bpd": math.inf, "val_bpd_stderr": math.nan, "nfe": 0,
                       "eval_seconds": 0.0, "diverged": True} for eps in eps_grid]
-            break
-        with trainer.evaluating() as score:
-            for eps in eps_grid:
-                r = evaluator.evaluate(score, trainer.sde, eps, "fast", device=trainer.device)
-                rows.append({**common, "sampling_eps": eps, "val_bpd": r.mean, "val_bpd_stderr": r.stderr,
-                             "nfe": r.nfe, "eval_seconds": r.seconds, "diverged": False})
-        segment_start = time.perf_counter()
+            continue
+        cfg, model = eval_model_from_checkpoint(torch.load(folder / f"step{rung['step']}.pt", weights_only=True))
+        sde = VPSDE(cfg.sde.beta_min, cfg.sde.beta_max, cfg.sde.T)
+        for eps in eps_grid:
+            r = evaluator.evaluate(score_fn(model, sde), sde, eps, "fast")
+            rows.append({**common, "sampling_eps": eps, "val_bpd": r.mean, "val_bpd_stderr": r.stderr,
+                         "nfe": r.nfe, "eval_seconds": r.seconds, "diverged": False})
     return rows
 
 
@@ -101,43 +143,59 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--space", default=str(ROOT / "search_spaces" / "cpu.yaml"))
     parser.add_argument("--out", default=str(ROOT / "bench" / "data" / "cpu_curves.csv"))
+    parser.add_argument("--weights", default=str(ROOT / "runs" / "curve_weights"))
+    parser.add_argument("--phase", choices=("train", "score", "both"), default="both")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--lrs", type=float, nargs="+", default=DEFAULT_LRS)
     parser.add_argument("--eps", type=float, nargs="+", default=DEFAULT_EPS)
-    parser.add_argument("--limit", type=int, default=None, help="record at most this many new grid points")
+    parser.add_argument("--limit", type=int, default=None, help="do at most this many grid points in each phase")
     args = parser.parse_args(argv)
 
     from tuner.space import load_space
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     points = grid(load_space(args.space), args.lrs)
-    done = set()
-    if out.exists():
-        with out.open() as f:
-            done = {key(r) for r in csv.DictReader(f)}
-    todo = [p for p in points if key(p) not in done][: args.limit]
-    print(f"{len(points)} grid points, {len(points) - len(todo) if args.limit is None else len(done)} recorded, "
-          f"{len(todo)} to go ({args.workers} workers, 1 torch thread each); writing {out}", flush=True)
-    if not todo:
-        return 0
-    new_file = not out.exists()
+    weights = Path(args.weights)
+    if args.phase in ("train", "both"):
+        trained = [p for p in points if (_folder(weights, p) / "rungs.json").exists()]
+        todo = [p for p in points if p not in trained][: args.limit]
+        _run_pool(f"train: {len(points)} grid points, {len(trained)} trained", args, train_one,
+                  [(p, str(weights)) for p in todo], lambda s: f"step {s['rungs'][-1]['step']}, "
+                  f"{sum(r['train_seconds'] for r in s['rungs']):.0f} s of training")
+    if args.phase in ("score", "both"):
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        done = set()
+        if out.exists():
+            with out.open() as f:
+                done = {key(r) for r in csv.DictReader(f)}
+        todo = [p for p in points if key(p) not in done and (_folder(weights, p) / "rungs.json").exists()][: args.limit]
+        new_file = not out.exists()
+        with out.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            if new_file:
+                writer.writeheader()
+
+            def append(rows):
+                writer.writerows(rows)
+                f.flush()
+                os.fsync(f.fileno())
+                return f"{len(rows)} rows, last val_bpd {rows[-1]['val_bpd']:.3f}"
+
+            _run_pool(f"score: {len(points)} grid points, {len(done)} in {out}", args, score_one,
+                      [(p, str(weights), args.eps) for p in todo], append)
+    return 0
+
+
+def _run_pool(title: str, args, fn, jobs: list, describe) -> None:
+    print(f"{title}, {len(jobs)} to go ({args.workers} workers, 1 torch thread each)", flush=True)
+    if not jobs:
+        return
     start = time.time()
     ctx = mp.get_context("spawn")  # fresh interpreters: no torch thread pools inherited from the parent
-    with ctx.Pool(args.workers, initializer=_init_worker, initargs=(args.space,)) as pool, out.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new_file:
-            writer.writeheader()
-        for i, rows in enumerate(pool.imap_unordered(record_one, [(p, args.eps) for p in todo]), 1):
-            writer.writerows(rows)
-            f.flush()
-            os.fsync(f.fileno())
+    with ctx.Pool(args.workers, initializer=_init_worker, initargs=(args.space,)) as pool:
+        for i, result in enumerate(pool.imap_unordered(fn, jobs), 1):
             elapsed = time.time() - start
-            last = rows[-1]
-            print(f"[{i}/{len(todo)}] lr={last['lr']:.3g} batch={last['batch_size']} blocks={last['num_res_blocks']} "
-                  f"ch_mult={last['ch_mult']}: step {last['step']} val_bpd {last['val_bpd']:.3f} "
-                  f"(eps {last['sampling_eps']:g}); ETA {elapsed / i * (len(todo) - i) / 60:.1f} min", flush=True)
-    return 0
+            print(f"[{i}/{len(jobs)}] {describe(result)}; ETA {elapsed / i * (len(jobs) - i) / 60:.1f} min", flush=True)
 
 
 if __name__ == "__main__":
