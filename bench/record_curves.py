@@ -159,19 +159,21 @@ def main(argv: list[str] | None = None) -> int:
 
     points = grid(load_space(args.space), args.lrs)
     weights = Path(args.weights)
+    out = Path(args.out)
+    scored = set()
+    if out.exists():
+        with out.open() as f:
+            scored = {key(r) for r in csv.DictReader(f)}
     if args.phase in ("train", "both"):
-        trained = [p for p in points if (_folder(weights, p) / "rungs.json").exists()]
+        # Weights stay on the machine that trained them; a config already in the table needs none.
+        trained = [p for p in points if (_folder(weights, p) / "rungs.json").exists() or key(p) in scored]
         todo = [p for p in points if p not in trained][: args.limit]
         _run_pool(f"train: {len(points)} grid points, {len(trained)} trained", args, train_one,
                   [(p, str(weights)) for p in todo], lambda s: f"step {s['rungs'][-1]['step']}, "
                   f"{sum(r['train_seconds'] for r in s['rungs']):.0f} s of training")
     if args.phase in ("score", "both"):
-        out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        done = set()
-        if out.exists():
-            with out.open() as f:
-                done = {key(r) for r in csv.DictReader(f)}
+        done = scored
         todo = [p for p in points if key(p) not in done and (_folder(weights, p) / "rungs.json").exists()][: args.limit]
         new_file = not out.exists()
         with out.open("a", newline="") as f:
