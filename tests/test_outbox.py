@@ -87,7 +87,10 @@ def empty_store(tmp_path_factory) -> Path:
 @pytest.fixture
 def store(tmp_path, empty_store):
     shutil.copy(empty_store, tmp_path / "mlflow.db")
-    return SwitchableStore(tmp_path / "mlflow.db")
+    store = SwitchableStore(tmp_path / "mlflow.db")
+    # Artifacts in the test's folder: a SQLite store would otherwise put them under ./mlruns.
+    store.client.create_experiment("vpsde-tune", artifact_location=(tmp_path / "artifacts").as_uri())
+    return store
 
 
 def make_outbox(folder: Path, store: SwitchableStore, clock: Clock, lines: list) -> Outbox:
