@@ -288,3 +288,16 @@ def test_a_search_whose_store_was_never_up_is_backfilled_as_if_it_had_been(tmp_p
     assert text.startswith("# header\n# second\nmodel:\n  ch: 8\n")
     assert f"mlflow_run_id: {ids['aaa']}" in text and f"mlflow_parent_run_id: {parent.info.run_id}" in text
     assert fill_mlflow_ids(experiment_dir, later.experiment_id, later.parent_run_id, ids) == []  # nothing left
+
+
+def test_a_new_sqlite_store_appears_whole_and_an_existing_one_is_left_alone(tmp_path, empty_store):
+    """Readers that open the store while a search creates it must never see (and so migrate) a half-made file."""
+    made = tmp_path / "runs" / "mlflow.db"
+    client = outbox_module.mlflow_client(f"sqlite:///{made}")
+    assert made.exists() and client.get_experiment_by_name("Default") is not None
+    assert sorted(p.name for p in made.parent.iterdir()) == ["mlflow.db"]  # no temp file left behind
+    existing = tmp_path / "existing.db"
+    shutil.copy(empty_store, existing)
+    before = existing.read_bytes()
+    outbox_module._create_sqlite_store(existing)
+    assert existing.read_bytes() == before

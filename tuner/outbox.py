@@ -25,7 +25,8 @@ again, and an attached file overwrites itself. Replay progress (records sent, ru
 record was made, so a backfilled run has the same metric history, in the same order, as one sent live.
 
 A record the store refuses outright (a 4xx answer: a deleted run, a param logged again with another value) is not
-retried: one line, and the record goes to `mlflow_outbox.rejected.jsonl` with the reason.
+retried: one line, and the record goes to `mlflow_outbox.rejected.jsonl` with the reason. Any other failure keeps
+the record for later: waiting loses nothing.
 """
 
 from __future__ import annotations
@@ -40,8 +41,6 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import requests
-import sqlalchemy.exc
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -95,7 +94,7 @@ class Outbox:
     """The MLflow writes of one folder, in order, sent now or kept until the store answers."""
 
     def __init__(self, folder: Path, tracking_uri: str | None, *, log: Log = _print,
-                 client_factory: Callable[[str], Any] = lambda uri: MlflowClient(tracking_uri=uri),
+                 client_factory: Callable[[str], Any] | None = None,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
         shorten_http_retries()
         self.folder = Path(folder)
@@ -104,7 +103,7 @@ class Outbox:
         self.state_path = self.folder / STATE_FILE
         self.rejected_path = self.folder / REJECTED_FILE
         self.log = log
-        self._client_factory = client_factory
+        self._client_factory = client_factory or mlflow_client
         self._clock, self._sleep = clock, sleep
         self._clients: dict[str, Any] = {}
         self._experiments: dict[tuple[str, str], str] = {}
@@ -443,6 +442,29 @@ class Outbox:
         tmp.replace(self.state_path)
 
 
+def mlflow_client(uri: str) -> MlflowClient:
+    if uri.startswith("sqlite:///"):
+        _create_sqlite_store(Path(uri[len("sqlite:///"):]))
+    return MlflowClient(tracking_uri=uri)
+
+
+def _create_sqlite_store(path: Path) -> None:
+    """A new SQLite store appears whole: MLflow creates its tables in a file of this process's own, which is then
+    linked into place. Two processes creating the tables of one fresh file at once (a search starting while
+    `mlflow ui` or a script opens the store) can leave it unusable for good."""
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fresh = path.with_name(f".{path.name}.{os.getpid()}.new")
+    MlflowClient(tracking_uri=f"sqlite:///{fresh}").search_experiments(max_results=1)
+    try:
+        os.link(fresh, path)  # never replaces a store another process made meanwhile
+    except FileExistsError:
+        pass
+    finally:
+        fresh.unlink(missing_ok=True)
+
+
 def _drop_partial_line(fd: int) -> None:
     """A kill in the middle of an append leaves a line without its newline; cut it so the next line stays whole."""
     size = os.fstat(fd).st_size
@@ -466,11 +488,9 @@ def _refused(exc: Exception) -> bool:
 
 
 def _unavailable(exc: Exception) -> bool:
-    """The store failing rather than refusing: no connection, a timeout, a 5xx or 429, a database error.
-    Anything else (a bug, a file gone) is not cured by waiting, so it is refused rather than kept forever."""
-    if _refused(exc):
-        return False
-    return isinstance(exc, (MlflowException, requests.RequestException, OSError, sqlalchemy.exc.SQLAlchemyError))
+    """Anything but a refusal counts as the store failing (no connection, a timeout, a 5xx or 429, a database
+    or migration error): the record is kept for later rather than dropped, since nothing is lost by waiting."""
+    return not _refused(exc)
 
 
 def _run_exists(client, run_id: str) -> bool:
