@@ -2,7 +2,9 @@
 
 Thin wiring: parse the command line, run `trials.full_run` (prepare, train, finish), log the result to
 MLflow with `tuner.full_run_tracking`. User errors are one line and exit status 2; Ctrl-C saves a
-checkpoint and exits 130, and the same command continues the run. See README.md, "Full run".
+checkpoint and exits 130, and the same command continues the run; exit status 3 says the run is complete on disk
+but some MLflow records wait in <out>/mlflow_outbox.jsonl (`python -m tuner.sync <out>` sends them). See
+README.md, "Full run".
 """
 
 from __future__ import annotations
@@ -121,21 +123,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_mlflow:
         return 0
     from tuner.full_run_tracking import log_full_run, resolve_tracking_uri
+    from tuner.outbox import EXIT_TRACKING_INCOMPLETE
 
     uri = resolve_tracking_uri(args.mlflow_uri, os.environ.get("MLFLOW_TRACKING_URI"), plan.provenance, plan.out_dir)
     artifacts = [plan.out_dir / full_run.METRICS_FILE, config_copy]
     artifacts += [plan.out_dir / s["file"] for s in metrics["samples"].values() if s.get("file")]
     origin = "/".join(str(provenance[k]) for k in ("experiment", "trial_id") if provenance.get(k))
-    try:
-        run_id = log_full_run(uri, run_name=f"full-run {origin}".strip(), params=plan.cfg.flat(),
-                              metrics=full_run.summary_metrics(metrics), history=metrics["history"],
-                              tags={"test_split": plan.test_split, "out_dir": str(plan.out_dir.resolve()),
-                                    "config_file": str(args.config), "precision": plan.trainer.precision},
-                              provenance=plan.provenance, artifacts=artifacts)
-    except Exception as exc:  # a store that is down or refuses: the results are safe on disk, say so
-        detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        return fail(f"MLflow logging to {uri} failed ({detail}); the results are in {plan.out_dir}", 1)
-    log(f"MLflow: {uri} (run {run_id})")
+    logged = log_full_run(uri, run_name=f"full-run {origin}".strip(), params=plan.cfg.flat(),
+                          metrics=full_run.summary_metrics(metrics), history=metrics["history"],
+                          tags={"test_split": plan.test_split, "out_dir": str(plan.out_dir.resolve()),
+                                "config_file": str(args.config), "precision": plan.trainer.precision},
+                          provenance=plan.provenance, artifacts=artifacts, out_dir=plan.out_dir)
+    if not logged.complete:  # a store that is down or refuses: the results are safe on disk, say so
+        outbox = logged.outbox
+        print(f"{PROG}: the run is complete in {plan.out_dir}, but MLflow ({uri}) has not got everything: "
+              f"{outbox.pending} records are kept in {outbox.path}"
+              + (f" and {outbox.rejected} refused ones in {outbox.rejected_path}" if outbox.rejected else "")
+              + f"; send them with: python -m tuner.sync {plan.out_dir}", file=sys.stderr, flush=True)
+        return EXIT_TRACKING_INCOMPLETE
+    log(f"MLflow: {uri} (run {logged.run_id})")
     return 0
 
 

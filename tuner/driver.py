@@ -8,6 +8,10 @@ One call, `run(options)`, does one experiment:
      bits/dim at fast fidelity, with an MLflow callback that writes a child run per trial;
   4. re-score the top k trials' checkpoints at accurate fidelity (as Ray tasks, so the driver never builds
      a model) and export `trials.csv` and `best_config.yaml`, attached to the MLflow parent run.
+
+MLflow going away never stops a search (tuner/outbox.py): the files are always written, and the exit status is
+3 instead of 0 when some records are still waiting for the store; `--resume` of a finished experiment re-runs
+nothing and only sends those.
 """
 
 from __future__ import annotations
@@ -32,8 +36,10 @@ from trials.likelihood import LikelihoodEvaluator
 from trials.trainable import rescore_checkpoint, run_trial
 from tuner.export import Export, rank_candidates, trials_table, write_outputs
 from tuner.searcher import STUDY_FILE, OptunaSearcher, make_sampler, optuna_storage
+from tuner.outbox import EXIT_TRACKING_INCOMPLETE
 from tuner.space import METRIC, MODE, SearchSpace, load_space
-from tuner.tracking import ExperimentTracker, MlflowTrialLogger, default_tracking_uri, trial_status
+from tuner.sync import complete_experiment
+from tuner.tracking import ExperimentTracker, MlflowTrialLogger, default_tracking_uri, read_state, trial_status
 
 EXIT_INTERRUPTED = 130
 
@@ -98,6 +104,8 @@ def with_cli_overrides(space: SearchSpace, options: TuneOptions) -> SearchSpace:
 
 def run(options: TuneOptions) -> int:
     space, experiment_dir = prepare(options)
+    if options.resume and read_state(experiment_dir).get("status") == "FINISHED":
+        return _send_unsent(experiment_dir, _resume_command(options, space))
     base = space.base_config
     data = load_data(base.data)
     storage = options.storage.resolve()
@@ -114,9 +122,11 @@ def run(options: TuneOptions) -> int:
                              threads=max(1, int(space.resources.cpus_per_trial))),
         {"cpu": space.resources.cpus_per_trial, "gpu": gpus})
 
-    tracker = ExperimentTracker(tracking_uri, experiment_dir, space.name, storage)
+    tracker = ExperimentTracker.open(tracking_uri, experiment_dir, space.name, storage)
     tracker.log_experiment(_experiment_params(space), {"space_file": space.source, "space_sha256": space.sha256})
-    print(f"MLflow: {tracking_uri} (experiment {tracker.experiment_id}, parent run {tracker.parent_run_id})", flush=True)
+    ids = (f"experiment {tracker.experiment_id}, parent run {tracker.parent_run_id}" if tracker.parent_run_id
+           else "parent run not created yet")
+    print(f"MLflow: {tracking_uri} ({ids})", flush=True)
 
     _forward_sigterm_as_sigint()
     # Keeping one checkpoint per trial makes Tune snapshot its state at every report and warn about it each
@@ -148,18 +158,46 @@ def run(options: TuneOptions) -> int:
     # Trials the time budget cut short end TERMINATED; only Ctrl-C/SIGTERM leaves some PENDING or RUNNING.
     if any(s == "interrupted" for s in statuses.values()):
         tracker.finish("KILLED")
-        print(f"\nInterrupted; state saved in {experiment_dir}.\n"
-              f"Continue with: python tune.py --space {options.space} --name {space.name} "
-              f"--storage {options.storage} --resume", flush=True)
+        kept = "" if tracker.flush() else f" (and the MLflow records kept in {tracker.outbox.path})"
+        print(f"\nInterrupted; state saved in {experiment_dir}{kept}.\n"
+              f"Continue with: {_resume_command(options, space)}", flush=True)
         return EXIT_INTERRUPTED
 
+    tracker.flush()  # what the store missed during the search, so the table gets every run id it can
     candidates = rank_candidates(analysis, statuses, space.search.top_k)
     rescores = _rescore(candidates, evaluator, space, gpus)
     table = trials_table(analysis, space, statuses, rescores, tracker.child_run_ids())
     export = write_outputs(experiment_dir, space, table, rescores, analysis, tracker)
     _print_summary(table, export, tracking_uri)
     tracker.finish("FINISHED")
-    return 0
+    return _tracking_status(tracker, experiment_dir, _resume_command(options, space))
+
+
+# ---- tracking that has not arrived yet -------------------------------------------------------------
+def _resume_command(options: TuneOptions, space: SearchSpace) -> str:
+    return f"python tune.py --space {options.space} --name {space.name} --storage {options.storage} --resume"
+
+
+def _tracking_status(tracker: ExperimentTracker, experiment_dir: Path, resume_command: str) -> int:
+    """0 when MLflow has everything; else say what is kept where and how to send it, and return 3."""
+    if complete_experiment(tracker, experiment_dir):
+        return 0
+    outbox = tracker.outbox
+    refused = f"; {outbox.rejected} refused by the store, kept in {outbox.rejected_path}" if outbox.rejected else ""
+    print(f"\nThe search is complete and its files are written, but MLflow ({tracker.tracking_uri}) has not got "
+          f"everything: {outbox.pending} records are kept in {outbox.path}{refused}. Send them when it answers "
+          f"with: {resume_command}", flush=True)
+    return EXIT_TRACKING_INCOMPLETE
+
+
+def _send_unsent(experiment_dir: Path, resume_command: str) -> int:
+    """--resume of a finished experiment: nothing to re-run; send what MLflow has not received."""
+    print(f"{experiment_dir} is a finished search: nothing to re-run; sending what MLflow has not received", flush=True)
+    tracker = ExperimentTracker.attach(experiment_dir)
+    status = _tracking_status(tracker, experiment_dir, resume_command)
+    if status == 0:
+        print(f"MLflow: {tracker.tracking_uri} has everything (parent run {tracker.parent_run_id})", flush=True)
+    return status
 
 
 # ---- pieces -------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import csv
 import datetime
 import importlib.metadata
 import json
@@ -177,6 +178,42 @@ def _pick_winner(table: pd.DataFrame, rescores: dict[str, dict]) -> Export:
         row = finite.sort_values("val_bpd_last").iloc[0]
         return Export(row["trial_id"], float(row["val_bpd_last"]), "fast")
     return Export("", math.nan, "none")
+
+
+def fill_mlflow_ids(experiment_dir: Path, experiment_id: str | None, parent_run_id: str | None,
+                    run_ids: dict[str, str]) -> list[Path]:
+    """Fill in the MLflow ids that an export written while the tracking store was down could not know yet
+    (trials.csv's mlflow_run_id, best_config.yaml's provenance); only empty ones, nothing else is touched.
+    Returns the files it changed."""
+    changed = []
+    table = experiment_dir / "trials.csv"
+    if table.exists():
+        with open(table, newline="") as f:
+            rows = list(csv.reader(f))
+        if rows and {"trial_id", "mlflow_run_id"} <= set(rows[0]):
+            tid, rid = rows[0].index("trial_id"), rows[0].index("mlflow_run_id")
+            missing = [row for row in rows[1:] if not row[rid] and run_ids.get(row[tid])]
+            for row in missing:
+                row[rid] = run_ids[row[tid]]
+            if missing:
+                with open(table.with_suffix(".csv.tmp"), "w", newline="") as f:
+                    csv.writer(f, lineterminator="\n").writerows(rows)  # the quoting pandas wrote
+                table.with_suffix(".csv.tmp").replace(table)
+                changed.append(table)
+    best = experiment_dir / "best_config.yaml"
+    if best.exists():
+        text = best.read_text()
+        config = yaml.safe_load(text)
+        provenance = config.get("provenance") or {}
+        wanted = {"mlflow_experiment_id": experiment_id, "mlflow_parent_run_id": parent_run_id,
+                  "mlflow_run_id": run_ids.get(str(provenance.get("trial_id")))}
+        updates = {k: v for k, v in wanted.items() if v and not provenance.get(k)}
+        if updates:
+            provenance.update(updates)
+            header = "".join(line for line in text.splitlines(keepends=True)[:2] if line.startswith("#"))
+            _atomic_write(best, header + yaml.safe_dump(config, sort_keys=False))
+            changed.append(best)
+    return changed
 
 
 def code_version() -> str:

@@ -6,6 +6,10 @@ store as the tuning experiment, it is also nested under that experiment's parent
 the full run beside the trials it was chosen from. It never carries a `trial_id` tag: that tag is how the
 tuning driver finds its own trials' runs.
 
+A store that does not answer never costs the run its results: the records go to the run folder's outbox
+(tuner/outbox.py), train.py exits 3 instead of 0, and the next train.py logging to that folder, or
+`python -m tuner.sync <run folder>`, sends them.
+
 Kept apart from tuner/tracking.py, which imports Ray: the full run needs neither Ray nor its start-up time.
 """
 
@@ -13,13 +17,11 @@ from __future__ import annotations
 
 import json
 import math
-import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
+from tuner.outbox import Outbox, new_key, now_ms
 
 MLFLOW_EXPERIMENT = "vpsde-tune"  # the same experiment tuner/tracking.py logs the tuning runs to
 ROLE_TAG = "vpsde.role"
@@ -39,58 +41,45 @@ def provenance_tags(provenance: dict[str, Any]) -> dict[str, str]:
     return {tag: str(provenance[key]) for key, tag in names.items() if provenance.get(key) not in (None, "")}
 
 
+@dataclass
+class FullRunLog:
+    run_id: str | None  # None while the store has not created the run
+    complete: bool  # everything reached the store; else the rest is kept in outbox.path
+    outbox: Outbox
+
+
 def log_full_run(tracking_uri: str, *, run_name: str, params: dict[str, Any], metrics: dict[str, float],
                  history: list[dict[str, Any]], tags: dict[str, str], provenance: dict[str, Any],
-                 artifacts: list[Path]) -> str:
-    """Create the run, log everything, mark it finished; returns its run id.
+                 artifacts: list[Path], out_dir: Path) -> FullRunLog:
+    """Create the run, log everything, mark it finished, through the run folder's outbox.
 
     `metrics` are logged at the last training step; `history` (the trainer's log records) as the curves
-    train_loss, val_dsm and images_per_sec over steps.
+    train_loss, val_dsm and images_per_sec over steps. A store that does not answer costs a few seconds: what
+    it did not get is kept in `<out_dir>/mlflow_outbox.jsonl`, behind anything an earlier run left there.
     """
-    client = MlflowClient(tracking_uri=tracking_uri)
-    experiment_id = _experiment_id(client, tracking_uri)
-    tags = {ROLE_TAG: "full-run", **provenance_tags(provenance), **tags}
-    parent = provenance.get("mlflow_parent_run_id")
-    if parent and provenance.get("mlflow_tracking_uri") == tracking_uri and _run_exists(client, parent):
-        tags["mlflow.parentRunId"] = str(parent)
-    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
-    run_id = run.info.run_id
-    try:
-        now = int(time.time() * 1000)
-        last_step = int(metrics.get("steps", 0))
-        points = [Metric(k, v, now, last_step) for k, v in metrics.items()]
-        for record in history:
-            points += [Metric(k, float(record[k]), now, int(record["step"]))
-                       for k in ("train_loss", "val_dsm", "images_per_sec") if _finite(record.get(k))]
-        client.log_batch(run_id, params=[Param(k, _param(v)) for k, v in params.items()])
-        for i in range(0, len(points), BATCH):
-            client.log_batch(run_id, metrics=points[i:i + BATCH])
-        for path in artifacts:
-            client.log_artifact(run_id, str(path))
-    except BaseException:
-        client.set_terminated(run_id, status="FAILED")
-        raise
-    client.set_terminated(run_id, status="FINISHED")
-    return run_id
-
-
-def _experiment_id(client: MlflowClient, tracking_uri: str) -> str:
-    found = client.get_experiment_by_name(MLFLOW_EXPERIMENT)
-    if found is not None:
-        return found.experiment_id
+    outbox = Outbox(out_dir, tracking_uri)
+    key = new_key()
+    same_store = provenance.get("mlflow_tracking_uri") == tracking_uri
     location = None
     if tracking_uri.startswith("sqlite:///"):
         # A fresh SQLite store keeps its artifacts beside the database, not in the working directory.
         location = (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
-    return client.create_experiment(MLFLOW_EXPERIMENT, artifact_location=location)
-
-
-def _run_exists(client: MlflowClient, run_id: str) -> bool:
-    try:
-        client.get_run(run_id)
-        return True
-    except MlflowException:
-        return False
+    outbox.create_run(key, experiment=MLFLOW_EXPERIMENT, name=run_name,
+                      tags={ROLE_TAG: "full-run", **provenance_tags(provenance), **tags},
+                      parent_if_exists=str(provenance["mlflow_parent_run_id"])
+                      if same_store and provenance.get("mlflow_parent_run_id") else None,
+                      params={k: _param(v) for k, v in params.items()}, artifact_location=location)
+    now = now_ms()
+    last_step = int(metrics.get("steps", 0))
+    points = [(k, float(v), now, last_step) for k, v in metrics.items()]
+    for record in history:
+        points += [(k, float(record[k]), now, int(record["step"]))
+                   for k in ("train_loss", "val_dsm", "images_per_sec") if _finite(record.get(k))]
+    outbox.log_batch(key, metrics=points)
+    for path in artifacts:
+        outbox.log_artifact(key, path)
+    outbox.terminate(key, "FINISHED")
+    return FullRunLog(outbox.run_id(key), outbox.complete, outbox)
 
 
 def _param(value: Any) -> str:

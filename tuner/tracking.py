@@ -1,8 +1,14 @@
 """MLflow tracking from the driver: one parent run per tuning experiment, one child run per trial.
 
-Only the driver process writes to MLflow, so a local SQLite store never sees two writers. The ids that tie
-MLflow to the Tune experiment live in `<experiment dir>/mlflow.json`; on `--resume` the same parent run is
-reopened and each trial finds its existing child run by its `trial_id` tag, so no run is duplicated.
+Only the driver process writes to MLflow, so a local SQLite store never sees two writers. Every write goes
+through the experiment folder's `Outbox` (tuner/outbox.py): a tracking store that stops answering costs the
+search a few seconds once, not the search, and what it missed is sent when it answers again.
+
+The ids that tie MLflow to the Tune experiment live in `<experiment dir>/mlflow.json` (the store's URI, the
+experiment and parent run ids, the trials' child run ids, and the parent's last status); on `--resume` the same
+parent run is reopened and each trial finds its existing child run by its `trial_id` tag, so no run is duplicated.
+A parent run that could not be created yet (the store was down from the start) is known by its key there, and
+gets its id when the outbox is sent.
 """
 
 from __future__ import annotations
@@ -10,117 +16,216 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
+
+from tuner.outbox import Outbox, new_key, now_ms
 
 MLFLOW_EXPERIMENT = "vpsde-tune"
 STATE_FILE = "mlflow.json"
 METRIC_KEYS = ("train_loss", "val_dsm", "val_bpd", "val_bpd_stderr", "nfe", "eval_seconds", "images_per_sec", "seconds")
+
+# One tracker per experiment folder and store in this process: the driver and Tune's callback share its outbox,
+# so their records stay in one order.
+_OPEN: dict[tuple[str, str], "ExperimentTracker"] = {}
 
 
 def default_tracking_uri(storage: Path) -> str:
     return f"sqlite:///{(storage / 'mlflow.db').resolve()}"
 
 
-class ExperimentTracker:
-    def __init__(self, tracking_uri: str, experiment_dir: Path, run_name: str, storage: Path):
-        self.client = MlflowClient(tracking_uri=tracking_uri)
-        self.tracking_uri = tracking_uri
-        self.state_path = experiment_dir / STATE_FILE
-        self._child_runs: dict[str, str] = {}
-        state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
-        if state.get("tracking_uri") == tracking_uri:
-            self.experiment_id = state["experiment_id"]
-            self.parent_run_id = state["parent_run_id"]
-            self.client.update_run(self.parent_run_id, status="RUNNING")
-        else:
-            self.experiment_id = self._experiment_id(storage)
-            run = self.client.create_run(self.experiment_id, run_name=run_name,
-                                         tags={"vpsde.role": "tuning-experiment"})
-            self.parent_run_id = run.info.run_id
-            experiment_dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.state_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"tracking_uri": tracking_uri, "experiment_id": self.experiment_id,
-                                       "parent_run_id": self.parent_run_id}, indent=2))
-            tmp.replace(self.state_path)
+def read_state(experiment_dir: Path) -> dict[str, Any]:
+    path = Path(experiment_dir) / STATE_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
 
-    def _experiment_id(self, storage: Path) -> str:
-        found = self.client.get_experiment_by_name(MLFLOW_EXPERIMENT)
-        if found is not None:
-            return found.experiment_id
+
+class ExperimentTracker:
+    def __init__(self, tracking_uri: str, experiment_dir: Path, run_name: str, storage: Path, *, reopen: bool = True):
+        """The experiment's parent run: reopened (set RUNNING) when mlflow.json names one in this store, else
+        created. `reopen=False` only attaches to what mlflow.json names (for sending what is unsent)."""
+        self.tracking_uri = tracking_uri
+        self.experiment_dir = Path(experiment_dir)
+        self.state_path = self.experiment_dir / STATE_FILE
+        self.outbox = Outbox(self.experiment_dir, tracking_uri)
+        self.outbox.on_resolved(self._resolved)
+        state = read_state(self.experiment_dir)
+        self._child_keys: dict[str, str] = {}  # trial_id -> child run key, for the trials seen in this process
+        self._last_step: dict[str, int] = {}  # child run key -> the last step its run holds
+        self._client: MlflowClient | None = None
+        if state.get("tracking_uri") == tracking_uri:
+            self._state = state
+            self.parent_key = state.get("parent_key") or new_key(state["parent_run_id"])
+            if state.get("parent_run_id"):
+                self.outbox.known(self.parent_key, state["parent_run_id"])
+            for trial_id, run_id in state.get("child_runs", {}).items():
+                self.outbox.known(self._child_key(trial_id), run_id)
+            if reopen:
+                self._state["status"] = "RUNNING"
+                self._save()
+                if state.get("parent_run_id"):
+                    self.outbox.set_status(self.parent_key, "RUNNING")
+                else:  # its creation is still in the outbox; asking again finds it rather than duplicating it
+                    self._create_parent(run_name, storage)
+        else:
+            self.parent_key = new_key()
+            self._state = {"tracking_uri": tracking_uri, "experiment_id": None, "parent_run_id": None,
+                           "parent_key": self.parent_key, "child_runs": {}, "status": "RUNNING"}
+            self._save()
+            self._create_parent(run_name, storage)
+
+    @classmethod
+    def open(cls, tracking_uri: str, experiment_dir: Path, run_name: str, storage: Path) -> "ExperimentTracker":
+        """This process's tracker for the experiment (created, or reopened from mlflow.json, on first use)."""
+        key = (tracking_uri, str(Path(experiment_dir).resolve()))
+        if key not in _OPEN:
+            _OPEN[key] = cls(tracking_uri, experiment_dir, run_name, storage)
+        return _OPEN[key]
+
+    @classmethod
+    def attach(cls, experiment_dir: Path) -> "ExperimentTracker":
+        """The tracker of an experiment that is not running, to send what it left unsent; starts nothing."""
+        state = read_state(experiment_dir)
+        return cls(state["tracking_uri"], experiment_dir, "", Path(experiment_dir).parent, reopen=False)
+
+    def _create_parent(self, run_name: str, storage: Path) -> None:
+        self.outbox.create_run(self.parent_key, experiment=MLFLOW_EXPERIMENT, name=run_name,
+                               tags={"vpsde.role": "tuning-experiment"}, reopen=True,
+                               artifact_location=self._artifact_location(storage))
+
+    def _artifact_location(self, storage: Path) -> str | None:
         # A local SQLite store keeps artifacts beside it under the storage folder, not in the working dir.
-        location = (storage / "mlartifacts").resolve().as_uri() if self.tracking_uri.startswith("sqlite") else None
-        return self.client.create_experiment(MLFLOW_EXPERIMENT, artifact_location=location)
+        return (storage / "mlartifacts").resolve().as_uri() if self.tracking_uri.startswith("sqlite") else None
+
+    @property
+    def client(self) -> MlflowClient:
+        """A plain client of the store, for reads. Writes go through `self.outbox`, which survives an outage."""
+        if self._client is None:
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    # ---- ids ---------------------------------------------------------------------------------------------
+    @property
+    def experiment_id(self) -> str | None:
+        return self._state.get("experiment_id")
+
+    @property
+    def parent_run_id(self) -> str | None:
+        return self._state.get("parent_run_id")
+
+    @property
+    def status(self) -> str | None:
+        """The parent's last status as this folder knows it (FINISHED once a search has exported)."""
+        return self._state.get("status")
+
+    def _child_key(self, trial_id: str) -> str:
+        return f"{self.parent_key}/{trial_id}"
+
+    def _resolved(self, key: str, run_id: str, experiment_id: str) -> None:
+        if key == self.parent_key:
+            self._state.update(parent_run_id=run_id, experiment_id=experiment_id)
+        elif key.startswith(self.parent_key + "/"):
+            self._state.setdefault("child_runs", {})[key[len(self.parent_key) + 1:]] = run_id
+        else:
+            return
+        self._save()
+
+    def _save(self) -> None:
+        self.experiment_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self._state, indent=2))
+        tmp.replace(self.state_path)
 
     # ---- parent run ----------------------------------------------------------------------------------
     def log_experiment(self, params: dict[str, Any], tags: dict[str, str]) -> None:
-        existing = self.client.get_run(self.parent_run_id).data.params
-        new = {k: v for k, v in params.items() if k not in existing}  # params are write-once in MLflow
-        self.client.log_batch(self.parent_run_id, params=[Param(k, _param(v)) for k, v in new.items()],
-                              tags=[RunTag(k, v) for k, v in tags.items()])
+        # Params are write-once in MLflow: the outbox sends only those the run does not have yet.
+        self.outbox.log_batch(self.parent_key, params={k: _param(v) for k, v in params.items()}, tags=tags)
 
     def log_summary(self, metrics: dict[str, float], tags: dict[str, str], artifacts: list[Path]) -> None:
-        now = _now_ms()
-        self.client.log_batch(self.parent_run_id,
-                              metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if _finite(v)],
-                              tags=[RunTag(k, v) for k, v in tags.items()])
+        """Metrics and tags on the parent run, and files or folders attached to it."""
+        now = now_ms()
+        self.outbox.log_batch(self.parent_key, metrics=[(k, float(v), now, 0) for k, v in metrics.items() if _finite(v)],
+                              tags=tags)
         for path in artifacts:
-            self.client.log_artifact(self.parent_run_id, str(path))
+            self.outbox.log_artifact(self.parent_key, Path(path))
+
+    def set_experiment_tag(self, key: str, value: str) -> None:
+        """A tag on the MLflow experiment ("vpsde-tune") itself."""
+        self.outbox.set_experiment_tag(MLFLOW_EXPERIMENT, key, value)
 
     def finish(self, status: str) -> None:
-        self.client.set_terminated(self.parent_run_id, status=status)
+        self._state["status"] = status
+        self._save()
+        self.outbox.terminate(self.parent_key, status)
+
+    def flush(self) -> bool:
+        """Send whatever is kept; True when everything this experiment logged has reached the store."""
+        self.outbox.flush()
+        return self.outbox.complete
 
     # ---- child runs ------------------------------------------------------------------------------
     def child_run(self, trial_id: str, trial_name: str, params: dict[str, Any]) -> str:
-        """The trial's child run, created on first sight and found again after a resume or a retry."""
-        if trial_id in self._child_runs:
-            return self._child_runs[trial_id]
-        found = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.mlflow.parentRunId = '{self.parent_run_id}' and tags.trial_id = '{trial_id}'",
-            max_results=1)
-        if found:
-            run_id = found[0].info.run_id
-            self.client.update_run(run_id, status="RUNNING")
-        else:
-            run = self.client.create_run(self.experiment_id, run_name=trial_name, tags={
-                "mlflow.parentRunId": self.parent_run_id, "trial_id": trial_id, "status": "running"})
-            run_id = run.info.run_id
-            self.client.log_batch(run_id, params=[Param(k, _param(v)) for k, v in params.items()])
-        self._child_runs[trial_id] = run_id
-        return run_id
+        """The trial's child run, created on first sight and found again after a resume or a retry.
+
+        Returns its run id, or, while the store has not created it yet, the key later calls name it by."""
+        if trial_id not in self._child_keys:
+            key = self._child_keys[trial_id] = self._child_key(trial_id)
+            self.outbox.create_run(key, experiment=MLFLOW_EXPERIMENT, name=trial_name, parent=self.parent_key,
+                                   find_tags={"trial_id": trial_id}, reopen=True,
+                                   tags={"trial_id": trial_id, "status": "running"},
+                                   params={k: _param(v) for k, v in params.items()})
+        return self.outbox.ref(self._child_keys[trial_id])
 
     def child_run_ids(self) -> dict[str, str]:
-        """trial_id -> child run id for the trials that have one."""
-        runs = self.client.search_runs([self.experiment_id],
-                                       filter_string=f"tags.mlflow.parentRunId = '{self.parent_run_id}'",
-                                       max_results=10_000)
-        return {r.data.tags["trial_id"]: r.info.run_id for r in runs if "trial_id" in r.data.tags}
+        """trial_id -> child run id for the trials that have one (those the store has not created yet have none)."""
+        ids = dict(self._state.get("child_runs", {}))
+        parent = self.parent_run_id
+        if parent and self.experiment_id:
+            runs = self.outbox.read(lambda client: client.search_runs(
+                [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=10_000), [],
+                what=f"listing the child runs of {parent}")
+            ids.update({r.data.tags["trial_id"]: r.info.run_id for r in runs if "trial_id" in r.data.tags})
+        return ids
 
     def log_rung(self, run_id: str, result: dict[str, Any]) -> None:
-        step, now = int(result.get("step", 0)), _now_ms()
-        metrics = [Metric(k, float(result[k]), now, step) for k in METRIC_KEYS if k in result and _finite(result[k])]
-        tags = [RunTag("reason", str(result["reason"]))] if result.get("reason") else []
+        step, now = int(result.get("step", 0)), now_ms()
+        key = self.outbox.key_of(run_id) or run_id
+        if key not in self._last_step:
+            self._last_step[key] = self._logged_up_to(run_id)
+        if step <= self._last_step[key]:
+            # A rung the run already holds: a driver killed after logging it but before Tune saved its state
+            # resumes the trial from the checkpoint before, and the trial reports that rung again.
+            return
+        self._last_step[key] = step
+        metrics = [(k, float(result[k]), now, step) for k in METRIC_KEYS if k in result and _finite(result[k])]
+        tags = {"reason": str(result["reason"])} if result.get("reason") else {}
         if result.get("precision"):  # what train.precision resolved to on the trial's device
-            tags.append(RunTag("precision", str(result["precision"])))
-        self.client.log_batch(run_id, metrics=metrics, tags=tags)
+            tags["precision"] = str(result["precision"])
+        self.outbox.log_batch(run_id, metrics=metrics, tags=tags)
+
+    def _logged_up_to(self, ref: str) -> int:
+        """The last step the run holds on the store (-1: none, or the store cannot say right now)."""
+        run_id = self.outbox.run_id(ref)
+        if run_id is None:
+            return -1
+        history = self.outbox.read(lambda client: client.get_metric_history(run_id, "seconds"), [],
+                                   what=f"reading the steps of run {run_id}")
+        return max((m.step for m in history), default=-1)
 
     def log_comparison(self, run_id: str, diff: float, stderr: float, tied: bool) -> None:
         """A re-scored trial's paired difference to the winner (see tuner.export.paired_to_winner)."""
-        self.client.log_batch(run_id, metrics=[Metric("paired_diff_to_winner", diff, _now_ms(), 0),
-                                               Metric("paired_diff_to_winner_stderr", stderr, _now_ms(), 0)],
-                              tags=[RunTag("tied_with_winner", str(tied).lower())])
+        now = now_ms()
+        self.outbox.log_batch(run_id, metrics=[("paired_diff_to_winner", diff, now, 0),
+                                               ("paired_diff_to_winner_stderr", stderr, now, 0)],
+                              tags={"tied_with_winner": str(tied).lower()})
 
     def finish_trial(self, run_id: str, status: str, reason: str = "") -> None:
-        tags = [RunTag("status", status)] + ([RunTag("reason", reason[:4000])] if reason else [])
-        self.client.log_batch(run_id, tags=tags)
+        tags = {"status": status, **({"reason": reason[:4000]} if reason else {})}
+        self.outbox.log_batch(run_id, tags=tags)
         mlflow_status = {"errored": "FAILED", "diverged": "FAILED", "interrupted": "KILLED"}.get(status, "FINISHED")
-        self.client.set_terminated(run_id, status=mlflow_status)
+        self.outbox.terminate(run_id, mlflow_status)
 
 
 class MlflowTrialLogger(tune.Callback):
@@ -142,7 +247,7 @@ class MlflowTrialLogger(tune.Callback):
     @property
     def tracker(self) -> ExperimentTracker:
         if self._tracker is None:
-            self._tracker = ExperimentTracker(*self.settings)
+            self._tracker = ExperimentTracker.open(*self.settings)
         return self._tracker
 
     def _run_id(self, trial) -> str:
@@ -201,7 +306,3 @@ def _param(value: Any) -> str:
 
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
