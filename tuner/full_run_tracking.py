@@ -22,6 +22,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 MLFLOW_EXPERIMENT = "vpsde-tune"  # the same experiment tuner/tracking.py logs the tuning runs to
+# MLflow 3's UI opens an experiment by this tag's value; without it, it guesses "GenAI apps & agents" and opens
+# on traces. "custom_model_development" is what its "Machine learning" choice writes (mlflow/server/js).
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 ROLE_TAG = "vpsde.role"
 BATCH = 1000  # MLflow's limit on metrics per log_batch call
 
@@ -74,15 +77,24 @@ def log_full_run(tracking_uri: str, *, run_name: str, params: dict[str, Any], me
     return run_id
 
 
+def mark_model_training(client: MlflowClient, experiment_id: str) -> None:
+    """Tag the experiment as model training for MLflow's UI, unless someone already chose a kind there."""
+    if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment_id).tags:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+
+
 def _experiment_id(client: MlflowClient, tracking_uri: str) -> str:
     found = client.get_experiment_by_name(MLFLOW_EXPERIMENT)
     if found is not None:
+        mark_model_training(client, found.experiment_id)
         return found.experiment_id
     location = None
     if tracking_uri.startswith("sqlite:///"):
         # A fresh SQLite store keeps its artifacts beside the database, not in the working directory.
         location = (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
-    return client.create_experiment(MLFLOW_EXPERIMENT, artifact_location=location)
+    experiment_id = client.create_experiment(MLFLOW_EXPERIMENT, artifact_location=location)
+    mark_model_training(client, experiment_id)
+    return experiment_id
 
 
 def _run_exists(client: MlflowClient, run_id: str) -> bool:

@@ -18,6 +18,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from tuner.full_run_tracking import mark_model_training
+
 MLFLOW_EXPERIMENT = "vpsde-tune"
 STATE_FILE = "mlflow.json"
 METRIC_KEYS = ("train_loss", "val_dsm", "val_bpd", "val_bpd_stderr", "nfe", "eval_seconds", "images_per_sec", "seconds")
@@ -48,6 +50,7 @@ class ExperimentTracker:
             tmp.write_text(json.dumps({"tracking_uri": tracking_uri, "experiment_id": self.experiment_id,
                                        "parent_run_id": self.parent_run_id}, indent=2))
             tmp.replace(self.state_path)
+        mark_model_training(self.client, self.experiment_id)  # MLflow's UI then opens it on the runs
 
     def _experiment_id(self, storage: Path) -> str:
         found = self.client.get_experiment_by_name(MLFLOW_EXPERIMENT)
@@ -71,6 +74,11 @@ class ExperimentTracker:
                               tags=[RunTag(k, v) for k, v in tags.items()])
         for path in artifacts:
             self.client.log_artifact(self.parent_run_id, str(path))
+
+    def log_report(self, files: list[Path]) -> None:
+        """The experiment report (tuner/report.py) under the parent run's report/ folder."""
+        for path in files:
+            self.client.log_artifact(self.parent_run_id, str(path), artifact_path="report")
 
     def finish(self, status: str) -> None:
         self.client.set_terminated(self.parent_run_id, status=status)
