@@ -88,7 +88,7 @@ BAD = [
     (variant(hyperparameters__lr=0.001), "hyperparameters.lr: must be a mapping"),
     (variant(fixed__train__lrate=0.1), "fixed.train.lrate: unknown key"),
     (variant(fixed__model__ch="wide"), "fixed.model.ch: must be an integer"),
-    (variant(search__algorithm="bayes"), "search.algorithm: must be 'tpe' or 'random'"),
+    (variant(search__algorithm="bayes"), "search.algorithm: must be one of tpe, gp, random"),
     (variant(search__scheduler="pbt"), "search.scheduler: must be 'asha' or 'fifo'"),
     (variant(search__num_samples=0), "search.num_samples: must be >= 1"),
     (variant(search__num_samples="many"), "search.num_samples: must be an integer"),
@@ -183,4 +183,4 @@ def test_the_readme_example_space_is_a_valid_space(tmp_path):
     example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
     space = load_space(write(tmp_path, example))
     assert space.name == "cpu" and {hp.name for hp in space.hyperparameters} == {"lr", "ch_mult"}
-    assert space.search.tpe_startup_trials == 4 and space.points_to_evaluate == ()
+    assert space.search.startup_trials == 4 and space.points_to_evaluate == ()

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pandas as pd
 import pytest
 import yaml
@@ -47,6 +48,14 @@ def mlflow_runs(tmp_path):
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     return client, parents, children
+
+
+def study_trials(experiment: Path) -> dict:
+    """The searcher's Optuna study, by Tune trial id."""
+    study = optuna.load_study(study_name=experiment.name, storage=f"sqlite:///{experiment / 'optuna.db'}")
+    ids = [t.user_attrs["tune_trial_id"] for t in study.trials]
+    assert len(ids) == len(set(ids)), f"a Tune trial was asked twice: {ids}"
+    return dict(zip(ids, study.trials))
 
 
 def test_tiny_experiment_with_a_failing_trial(tmp_path):
@@ -100,6 +109,25 @@ def test_tiny_experiment_with_a_failing_trial(tmp_path):
             history = client.get_metric_history(run.info.run_id, "val_bpd")
             assert [m.step for m in history] == list(range(10, int(table[table.trial_id == trial_id].steps.iloc[0]) + 1, 10))
 
+    # The searcher's study saw each trial at the fidelity it reached: stopped trials are pruned at their
+    # last rung with every rung as an intermediate value, not completed with an early value.
+    study = study_trials(experiment)
+    assert set(study) == set(table.trial_id)
+    expected_state = {"completed": optuna.trial.TrialState.COMPLETE, "stopped early": optuna.trial.TrialState.PRUNED,
+                      "errored": optuna.trial.TrialState.FAIL}
+    for row in table.itertuples():
+        trial = study[row.trial_id]
+        assert trial.state == expected_state[row.status], row.trial_id
+        if row.status != "errored":
+            history = client.get_metric_history(by_trial[row.trial_id].info.run_id, "val_bpd")
+            assert trial.intermediate_values == {m.step: m.value for m in history}
+        if row.status == "completed":
+            assert math.isclose(trial.value, row.val_bpd_last)
+    # The re-scored trials carry their paired difference to the winner; the winner ties with itself.
+    rescored = table[table.val_bpd_accurate.notna()]
+    assert rescored.paired_diff.notna().all() and (rescored.paired_diff_stderr >= 0).all()
+    assert winner.paired_diff == 0 and bool(winner.tied_with_winner)
+
 
 def test_interrupted_experiment_resumes_without_duplicate_runs(tmp_path):
     space = space_file(tmp_path, num_samples=4, max_concurrent=1)
@@ -139,6 +167,9 @@ def test_interrupted_experiment_resumes_without_duplicate_runs(tmp_path):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_bpd")]
         assert len(steps) == len(set(steps)), f"trial {run.data.tags['trial_id']} re-ran steps {steps}"
     assert done_before <= set(trial_ids)
+    study = study_trials(tmp_path / "runs" / "tiny")  # the resumed search kept asking the same study
+    assert set(study) == set(trial_ids)
+    assert all(t.state != optuna.trial.TrialState.RUNNING for t in study.values())
     assert (tmp_path / "runs" / "tiny" / "best_config.yaml").exists()
 
 

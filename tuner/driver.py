@@ -4,8 +4,8 @@ One call, `run(options)`, does one experiment:
   1. validate the space and the CLI (one-line errors before anything starts or is written);
   2. start a local Ray or join a cluster; load the data and build the shared evaluator once, and hand
      both to every trial through the object store (`tune.with_parameters`);
-  3. `Tuner.fit` with Optuna's TPE (or random search) and ASHA (or FIFO) on val bits/dim at fast fidelity,
-     with an MLflow callback that writes a child run per trial;
+  3. `Tuner.fit` with an Optuna study (TPE, GP or random; tuner/searcher.py) and ASHA (or FIFO) on val
+     bits/dim at fast fidelity, with an MLflow callback that writes a child run per trial;
   4. re-score the top k trials' checkpoints at accurate fidelity (as Ray tasks, so the driver never builds
      a model) and export `trials.csv` and `best_config.yaml`, attached to the MLflow parent run;
   5. write the experiment report (tuner/report.py; the winner's samples drawn by a Ray task), attached too.
@@ -26,8 +26,7 @@ from typing import Any
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
-from ray.tune.search.optuna import OptunaSearch
+from ray.tune.search import ConcurrencyLimiter
 
 from trials.data import load_data
 from trials.likelihood import LikelihoodEvaluator
@@ -36,6 +35,7 @@ from tuner import cpu_only
 from tuner.export import Export, rank_candidates, trials_table, write_outputs
 from tuner.progress import Progress
 from tuner.report import SAMPLE_SETTINGS, build_report, save_space
+from tuner.searcher import STUDY_FILE, OptunaSearcher, make_sampler, optuna_storage
 from tuner.space import METRIC, MODE, SearchSpace, load_space
 from tuner.tracking import ExperimentTracker, MlflowTrialLogger, default_tracking_uri, trial_status
 
@@ -132,10 +132,11 @@ def run(options: TuneOptions) -> int:
         print(f"Resuming {experiment_dir}", flush=True)
         tuner = tune.Tuner.restore(str(experiment_dir), trainable, resume_unfinished=True, resume_errored=False)
     else:
+        # A study left by a start that died before Tune saved anything holds no trial worth keeping.
+        (experiment_dir / STUDY_FILE).unlink(missing_ok=True)
         tuner = tune.Tuner(
             trainable,
-            param_space={} if space.search.algorithm == "tpe" else space.to_ray(),
-            tune_config=_tune_config(space),
+            tune_config=_tune_config(space, experiment_dir),
             run_config=tune.RunConfig(
                 name=space.name,
                 storage_path=str(storage),
@@ -235,22 +236,19 @@ def _check_cpu_only(space: SearchSpace, data, allow_cpu: bool) -> None:
                          f"cluster has none; use {cpu_only.CPU_SPACE}, or add --allow-cpu to run it anyway")
 
 
-def _tune_config(space: SearchSpace) -> tune.TuneConfig:
+def _tune_config(space: SearchSpace, experiment_dir: Path) -> tune.TuneConfig:
     s = space.search
-    if s.algorithm == "tpe":
-        import optuna
-
-        searcher = ConcurrencyLimiter(
-            OptunaSearch(space=space.to_optuna(), metric=METRIC, mode=MODE,
-                         sampler=optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.tpe_startup_trials),
-                         points_to_evaluate=[dict(p) for p in space.points_to_evaluate] or None),
-            max_concurrent=s.max_concurrent)
-    else:
-        searcher = BasicVariantGenerator(random_state=s.seed, max_concurrent=s.max_concurrent,
-                                         points_to_evaluate=[dict(p) for p in space.points_to_evaluate] or None)
+    full_steps = space.base_config.train.steps
+    experiment_dir.mkdir(parents=True, exist_ok=True)
+    searcher = ConcurrencyLimiter(
+        OptunaSearcher(space.to_optuna(), make_sampler(s.algorithm, s.seed, s.startup_trials),
+                       metric=METRIC, mode=MODE, full_steps=full_steps, study_name=space.name,
+                       storage=optuna_storage(experiment_dir),
+                       points_to_evaluate=[dict(p) for p in space.points_to_evaluate]),
+        max_concurrent=s.max_concurrent)
     if s.scheduler == "asha":
-        scheduler = ASHAScheduler(time_attr="step", max_t=space.base_config.train.steps,
-                                  grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+        scheduler = ASHAScheduler(time_attr="step", max_t=full_steps, grace_period=s.grace_period,
+                                  reduction_factor=s.reduction_factor)
     else:
         scheduler = FIFOScheduler()
     return tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
@@ -338,11 +336,19 @@ def _print_summary(table, export: Export, tracking_uri: str) -> None:
     import pandas as pd
 
     columns = [c for c in ["trial_id", "status", *export.hyperparameter_columns, "val_bpd_last", "val_bpd_accurate",
-                           "steps", "seconds"] if c in table.columns]
+                           "paired_diff", "paired_diff_stderr", "steps", "seconds"] if c in table.columns]
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
         print("\nBest trials:")
         print(table[columns].head(5).to_string(index=False))
     print(f"\nWinner: {export.winner_id} with val bits/dim {export.winner_bpd:.4f} ({export.winner_fidelity} fidelity)")
+    if export.winner_fidelity == "accurate":
+        rows = table.set_index("trial_id")
+        if export.tied:
+            ties = ", ".join(f"{tid} (+{rows.at[tid, 'paired_diff']:.4f} ± {rows.at[tid, 'paired_diff_stderr']:.4f})"
+                             for tid in export.tied)
+            print(f"Tied with the winner (paired difference on the same images within 2 standard errors): {ties}")
+        else:
+            print("No re-scored trial is tied with the winner (every paired difference exceeds 2 standard errors).")
     print("Wrote:")
     for label, path in export.paths.items():
         print(f"  {label:<12} {path}")

@@ -1,7 +1,8 @@
 """What a finished search leaves behind: the trials table, the winner's config, and their provenance.
 
   trials.csv        one row per trial: hyperparameters, status, last/best fast val bits/dim, the accurate
-                    re-score where one was made, steps, seconds, MLflow run id
+                    re-score where one was made with its paired difference to the winner's and whether it
+                    is tied with the winner, steps, seconds, MLflow run id
   best_config.yaml  the winner's complete TrialConfig (what `train.py --config` loads unchanged) plus a
                     `provenance` section: scores, trial and MLflow ids, code version, space-file hash
   rescores.json     the accurate re-scores with their solver settings and NFE
@@ -13,6 +14,7 @@ import datetime
 import importlib.metadata
 import json
 import math
+import statistics
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,8 @@ import yaml
 from tuner.space import SearchSpace
 
 NOT_CANDIDATES = ("errored", "diverged")
+# A re-scored trial is tied with the winner when its paired difference is within this many standard errors.
+TIE_STDERRS = 2.0
 
 
 @dataclass
@@ -33,6 +37,29 @@ class Export:
     winner_fidelity: str  # "accurate" when the re-score worked, else "fast"
     paths: dict[str, Path] = field(default_factory=dict)
     hyperparameter_columns: list[str] = field(default_factory=list)
+    tied: list[str] = field(default_factory=list)  # re-scored trials not distinguishable from the winner
+
+
+def paired_to_winner(rescores: dict[str, dict], winner_id: str) -> dict[str, dict[str, Any]]:
+    """Each re-score's mean per-image difference to the winner's, its standard error, and whether it ties.
+
+    The evaluator scores every trial on the same images with the same dequantization noise and probes, so
+    per-image bits/dim are paired: the difference cancels the image-to-image spread that dominates each
+    score's own error bar, and two trials whose error bars overlap can still be told apart.
+    """
+    base = rescores.get(winner_id, {}).get("per_image") or []
+    out = {}
+    for trial_id, r in rescores.items():
+        values = r.get("per_image") or []
+        if r.get("failed") or len(values) != len(base) or len(base) < 2:
+            continue
+        diffs = [a - b for a, b in zip(values, base)]
+        if not all(math.isfinite(d) for d in diffs):
+            continue
+        mean, stderr = statistics.fmean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
+        out[trial_id] = {"paired_diff": mean, "paired_diff_stderr": stderr,
+                         "tied_with_winner": bool(mean <= TIE_STDERRS * stderr)}
+    return out
 
 
 def rank_candidates(analysis, statuses: dict[str, str], top_k: int) -> list[tuple[Any, str]]:
@@ -83,13 +110,23 @@ def trials_table(analysis, space: SearchSpace, statuses: dict[str, str], rescore
 def write_outputs(experiment_dir: Path, space: SearchSpace, table: pd.DataFrame, rescores: dict[str, dict],
                   analysis, tracker) -> Export:
     experiment_dir.mkdir(parents=True, exist_ok=True)
+    export = _pick_winner(table, rescores)
+    export.hyperparameter_columns = [hp.name for hp in space.hyperparameters]
+    comparison = paired_to_winner(rescores, export.winner_id) if export.winner_fidelity == "accurate" else {}
+    export.tied = [tid for tid, c in comparison.items() if c["tied_with_winner"] and tid != export.winner_id]
+    if len(table):
+        for column, missing in (("paired_diff", math.nan), ("paired_diff_stderr", math.nan),
+                                ("tied_with_winner", None)):
+            table[column] = [comparison.get(tid, {}).get(column, missing) for tid in table.trial_id]
+    rescores = {tid: {**r, **comparison.get(tid, {})} for tid, r in rescores.items()}
     paths = {"trials_csv": experiment_dir / "trials.csv"}
     _atomic_write(paths["trials_csv"], table.to_csv(index=False))
     paths["rescores"] = experiment_dir / "rescores.json"
     _atomic_write(paths["rescores"], json.dumps(rescores, indent=2, default=str))
-
-    export = _pick_winner(table, rescores)
-    export.hyperparameter_columns = [hp.name for hp in space.hyperparameters]
+    run_ids = dict(zip(table.trial_id, table.mlflow_run_id)) if len(table) else {}
+    for trial_id, c in comparison.items():
+        if run_ids.get(trial_id):
+            tracker.log_comparison(run_ids[trial_id], c["paired_diff"], c["paired_diff_stderr"], c["tied_with_winner"])
     artifacts = [paths["trials_csv"], paths["rescores"]]
     if export is not None and export.winner_id:
         trial = next(t for t in analysis.trials if t.trial_id == export.winner_id)

@@ -50,6 +50,7 @@ import pandas as pd
 import yaml
 
 from tuner.cpu_only import asha_rungs
+from tuner.export import TIE_STDERRS
 from tuner.progress import Progress
 from tuner.space import SearchSpace, SpaceError, load_space
 from tuner.tracking import trial_status
@@ -298,8 +299,8 @@ def ties(exp: Experiment) -> tuple[dict[str, bool], str]:
     if recorded:
         recorded[exp.winner.trial_id] = True
         return ({tid: bool(v) for tid, v in recorded.items()},
-                "Tied: the export's paired comparison with the winner on the same images "
-                "(paired_diff ± paired_diff_stderr in the table) does not tell them apart.")
+                f"Tied: the export's paired comparison with the winner on the same images cannot tell them apart "
+                f"(paired difference within {TIE_STDERRS:g} standard errors; paired_diff ± paired_diff_stderr in the table).")
     w = scored.get(exp.winner.trial_id)
     if w is None:
         return {}, "The winner's re-score is missing."

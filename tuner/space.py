@@ -5,7 +5,7 @@ A space file has four sections (see search_spaces/vpsde.yaml):
     hyperparameters:   what the search varies, by short name (lr, batch_size, num_res_blocks, ch_mult,
                        sampling_eps) or by any dotted TrialConfig field (model.dropout, train.ema_decay, ...)
     fixed:             a partial TrialConfig: everything a trial needs that the search does not vary
-    search:            algorithm (tpe | random), scheduler (asha | fifo), trial count, concurrency, seed,
+    search:            algorithm (tpe | gp | random), scheduler (asha | fifo), trial count, concurrency, seed,
                        ASHA's grace period and reduction factor, re-scoring top k, time budget, retries
     resources:         CPUs per trial, and the GPU fraction used when the cluster has GPUs
 
@@ -34,6 +34,7 @@ SHORT_NAMES = {
     "sampling_eps": "sde.sampling_eps",
 }
 KINDS = ("loguniform", "uniform", "randint", "choice")
+ALGORITHMS = ("tpe", "gp", "random")  # Optuna samplers, built by tuner.searcher.make_sampler
 METRIC = "val_bpd"
 MODE = "min"
 
@@ -66,8 +67,8 @@ class Hyperparameter:
 
 @dataclass(frozen=True)
 class SearchSettings:
-    algorithm: str = "tpe"  # tpe (Optuna) | random
-    tpe_startup_trials: int = 10  # random trials before TPE models the results (Optuna's default)
+    algorithm: str = "tpe"  # an Optuna sampler: tpe | gp | random (tuner/searcher.py)
+    startup_trials: int = 10  # random trials before TPE or GP model the results (Optuna's default)
     scheduler: str = "asha"  # asha | fifo
     num_samples: int = 16
     max_concurrent: int = 2
@@ -188,13 +189,15 @@ def parse_space(raw: dict[str, Any], where: str, sha256: str = "", default_name:
 
     search_raw = dict(raw.get("search") or {}) if isinstance(raw.get("search"), dict) else raw.get("search")
     points_raw = search_raw.pop("points_to_evaluate", None) if isinstance(search_raw, dict) else None
+    if isinstance(search_raw, dict) and "tpe_startup_trials" in search_raw and "startup_trials" not in search_raw:
+        search_raw["startup_trials"] = search_raw.pop("tpe_startup_trials")  # the name before GP joined TPE
     search = _parse_section(SearchSettings, search_raw, "search", fail)
     points = _parse_points(points_raw, hyperparameters, fixed, fail)
-    if search.algorithm not in ("tpe", "random"):
-        fail("search.algorithm", f"must be 'tpe' or 'random', got {search.algorithm!r}")
+    if search.algorithm not in ALGORITHMS:
+        fail("search.algorithm", f"must be one of {', '.join(ALGORITHMS)}, got {search.algorithm!r}")
     if search.scheduler not in ("asha", "fifo"):
         fail("search.scheduler", f"must be 'asha' or 'fifo', got {search.scheduler!r}")
-    for key in ("num_samples", "max_concurrent", "top_k", "grace_period", "tpe_startup_trials"):
+    for key in ("num_samples", "max_concurrent", "top_k", "grace_period", "startup_trials"):
         if getattr(search, key) < 1:
             fail(f"search.{key}", f"must be >= 1, got {getattr(search, key)}")
     if search.reduction_factor < 2:

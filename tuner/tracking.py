@@ -116,6 +116,12 @@ class ExperimentTracker:
         tags = [RunTag("reason", str(result["reason"]))] if result.get("reason") else []
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
 
+    def log_comparison(self, run_id: str, diff: float, stderr: float, tied: bool) -> None:
+        """A re-scored trial's paired difference to the winner (see tuner.export.paired_to_winner)."""
+        self.client.log_batch(run_id, metrics=[Metric("paired_diff_to_winner", diff, _now_ms(), 0),
+                                               Metric("paired_diff_to_winner_stderr", stderr, _now_ms(), 0)],
+                              tags=[RunTag("tied_with_winner", str(tied).lower())])
+
     def finish_trial(self, run_id: str, status: str, reason: str = "") -> None:
         tags = [RunTag("status", status)] + ([RunTag("reason", reason[:4000])] if reason else [])
         self.client.log_batch(run_id, tags=tags)
