@@ -167,7 +167,7 @@ def run(options: TuneOptions) -> int:
     report = _write_report(experiment_dir, space, gpus, tracker)
     if report is not None:
         export.paths["report"] = report
-    _print_summary(table, export, tracking_uri)
+    _print_summary(table, export, tracking_uri, tracker.experiment_id)
     tracker.finish("FINISHED")
     return 0
 
@@ -332,7 +332,7 @@ def _write_report(experiment_dir: Path, space: SearchSpace, gpus: float, tracker
     return report.html
 
 
-def _print_summary(table, export: Export, tracking_uri: str) -> None:
+def _print_summary(table, export: Export, tracking_uri: str, experiment_id: str = "") -> None:
     import pandas as pd
 
     columns = [c for c in ["trial_id", "status", *export.hyperparameter_columns, "val_bpd_last", "val_bpd_accurate",
@@ -354,5 +354,9 @@ def _print_summary(table, export: Export, tracking_uri: str) -> None:
         print(f"  {label:<12} {path}")
     local = tracking_uri.startswith("sqlite:")
     print(f"  {'mlflow':<12} {tracking_uri}" + (f"   (browse: mlflow ui --backend-store-uri {tracking_uri})" if local else ""))
+    # MLflow 3.17's UI opens every experiment on its GenAI view unless the URL asks for model training.
+    ui = "http://127.0.0.1:5000" if local else tracking_uri.rstrip("/")
+    if experiment_id and (local or tracking_uri.startswith("http")):
+        print(f"  {'':<12} trials: {ui}/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
     print(f"Full run: python train.py --config {export.paths['best_config']}")
     sys.stdout.flush()
