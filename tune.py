@@ -30,6 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<storage>/mlflow.db)")
     p.add_argument("--address", help="join this Ray cluster (default: $RAY_ADDRESS, else start a local Ray)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted experiment of the same --name")
+    p.add_argument("--allow-cpu", action="store_true",
+                   help="run a space sized for GPUs (resources.gpus_per_trial > 0) on a cluster without GPUs anyway")
     return p.parse_args(argv)
 
 

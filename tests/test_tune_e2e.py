@@ -96,6 +96,9 @@ def test_tiny_experiment_with_a_failing_trial(tmp_path):
     assert parent.info.run_id == provenance["mlflow_parent_run_id"]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"best_config.yaml", "trials.csv", "rescores.json"} <= artifacts
+    report = experiment / "report" / "report.html"  # written at the end, named in the output, attached
+    assert report.is_file() and str(report) in out.stdout
+    assert "report/report.html" in {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert "best_val_bpd_accurate" in parent.data.metrics
     by_trial = {c.data.tags["trial_id"]: c for c in children}
     assert set(by_trial) == set(table.trial_id)
@@ -171,6 +174,7 @@ def test_interrupted_experiment_resumes_without_duplicate_runs(tmp_path):
     assert set(study) == set(trial_ids)
     assert all(t.state != optuna.trial.TrialState.RUNNING for t in study.values())
     assert (tmp_path / "runs" / "tiny" / "best_config.yaml").exists()
+    assert (tmp_path / "runs" / "tiny" / "report" / "report.html").exists()  # the report comes after a resume too
 
 
 def test_resume_without_an_experiment_is_a_one_line_error(tmp_path):

@@ -5,9 +5,12 @@ with `Trainer`, and at every rung (each `train.val_every` steps) scores the EMA 
 likelihood evaluator at fast fidelity and calls `tune.report` with the metrics and a checkpoint. Everything
 else in trials/ is plain PyTorch; this is the only module that imports Ray.
 
-`rescore_checkpoint` is what the driver runs (as a Ray task) on the best trials after the search: the same
-evaluator at accurate fidelity on a trial's last checkpoint. It lives here so that the driver never has to
-build a model itself.
+The driver never builds a model, so what it needs from one runs here, as Ray tasks:
+  `rescore_checkpoint`   the best trials after the search: the same evaluator at accurate fidelity on a
+                         trial's last checkpoint;
+  `sample_checkpoint`    the winner's sample grid for the experiment report (trials.preview);
+  `time_training_steps`  a couple of training steps of a config, timed: how the driver estimates what a
+                         GPU-sized space would cost on a cluster without GPUs.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,6 +29,7 @@ from trials.config import TrialConfig
 from trials.data import MnistData
 from trials.likelihood import BPDResult, LikelihoodEvaluator
 from trials.model import score_fn
+from trials.preview import draw_grid
 from trials.sde import VPSDE
 from trials.train import Trainer, eval_model_from_checkpoint, load_checkpoint
 
@@ -95,3 +100,29 @@ def rescore_checkpoint(checkpoint_dir: str, evaluator: LikelihoodEvaluator, devi
     sde = VPSDE(cfg.sde.beta_min, cfg.sde.beta_max, cfg.sde.T)
     result: BPDResult = evaluator.evaluate(score_fn(model, sde), sde, cfg.sde.sampling_eps, "accurate", device=device)
     return {**result.to_dict(), "step": int(ckpt["step"])}
+
+
+def sample_checkpoint(checkpoint_dir: str, *, threads: int = 1, **settings: Any) -> dict[str, Any]:
+    """`trials.preview.draw_grid` on a trial's checkpoint; the PNG comes back as bytes under "png", so the
+    driver can write it wherever the report lives, whichever node the task ran on."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "samples.png"
+        info = draw_grid(checkpoint_dir, out, threads=threads, report=lambda line: print(line, flush=True), **settings)
+        info["png"] = out.read_bytes()
+    info.pop("out")
+    return info
+
+
+def time_training_steps(cfg: TrialConfig, data: MnistData, *, steps: int = 2, threads: int = 1) -> dict[str, Any]:
+    """Seconds per training step of `cfg` on this worker: the mean of `steps` steps after one untimed warm-up
+    step (which pays for allocations and kernel selection). Validation is kept out of the timing."""
+    torch.set_num_threads(threads)
+    # A record after every step, and the run's end (where validation would happen) never reached.
+    cfg = replace(cfg, train=replace(cfg.train, steps=steps + 2, val_every=steps + 2, log_every=1))
+    trainer = Trainer(cfg, data)
+    records = trainer.run()
+    next(records)  # warm-up
+    per_step = [cfg.train.batch_size / next(records)["images_per_sec"] for _ in range(steps)]
+    records.close()
+    return {"seconds_per_step": sum(per_step) / steps, "steps": steps, "threads": threads,
+            "device": str(trainer.device)}

@@ -7,7 +7,9 @@ One call, `run(options)`, does one experiment:
   3. `Tuner.fit` with an Optuna study (TPE, GP or random; tuner/searcher.py) and ASHA (or FIFO) on val
      bits/dim at fast fidelity, with an MLflow callback that writes a child run per trial;
   4. re-score the top k trials' checkpoints at accurate fidelity (as Ray tasks, so the driver never builds
-     a model) and export `trials.csv` and `best_config.yaml`, attached to the MLflow parent run.
+     a model) and export `trials.csv` and `best_config.yaml`, attached to the MLflow parent run;
+
+  5. write the experiment report (tuner/report.py; the winner's samples drawn by a Ray task), attached too.
 
 MLflow going away never stops a search (tuner/outbox.py): the files are always written, and the exit status is
 3 instead of 0 when some records are still waiting for the store; `--resume` of a finished experiment re-runs
@@ -33,8 +35,11 @@ from ray.tune.search import ConcurrencyLimiter
 
 from trials.data import load_data
 from trials.likelihood import LikelihoodEvaluator
-from trials.trainable import rescore_checkpoint, run_trial
+from trials.trainable import rescore_checkpoint, run_trial, sample_checkpoint, time_training_steps
+from tuner import cpu_only
 from tuner.export import Export, rank_candidates, trials_table, write_outputs
+from tuner.progress import Progress
+from tuner.report import SAMPLE_SETTINGS, build_report, save_space
 from tuner.searcher import STUDY_FILE, OptunaSearcher, make_sampler, optuna_storage
 from tuner.outbox import EXIT_TRACKING_INCOMPLETE
 from tuner.space import METRIC, MODE, SearchSpace, load_space
@@ -64,6 +69,7 @@ class TuneOptions:
     address: str | None = None
     resume: bool = False
     top_k: int | None = None
+    allow_cpu: bool = False  # run a space sized for GPUs on a cluster without GPUs anyway
 
 
 def prepare(options: TuneOptions) -> tuple[SearchSpace, Path]:
@@ -116,7 +122,7 @@ def run(options: TuneOptions) -> int:
     # error before anything runs.
     evaluator = LikelihoodEvaluator.build(data.val, base.eval, base.data.centered)
     _start_ray(options.address)
-    gpus = _gpus_per_trial(space)
+    gpus = _gpus_per_trial(space, data, options.allow_cpu)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, space=space, data=data, evaluator=evaluator,
                              threads=max(1, int(space.resources.cpus_per_trial))),
@@ -127,6 +133,7 @@ def run(options: TuneOptions) -> int:
     ids = (f"experiment {tracker.experiment_id}, parent run {tracker.parent_run_id}" if tracker.parent_run_id
            else "parent run not created yet")
     print(f"MLflow: {tracking_uri} ({ids})", flush=True)
+    save_space(experiment_dir, space)  # the report is rebuilt from the folder alone
 
     _forward_sigterm_as_sigint()
     # Keeping one checkpoint per trial makes Tune snapshot its state at every report and warn about it each
@@ -160,7 +167,8 @@ def run(options: TuneOptions) -> int:
         tracker.finish("KILLED")
         kept = "" if tracker.flush() else f" (and the MLflow records kept in {tracker.outbox.path})"
         print(f"\nInterrupted; state saved in {experiment_dir}{kept}.\n"
-              f"Continue with: {_resume_command(options, space)}", flush=True)
+              f"Continue with: {_resume_command(options, space)}\n"
+              f"Report of the trials so far: python -m tuner.report {experiment_dir}", flush=True)
         return EXIT_INTERRUPTED
 
     tracker.flush()  # what the store missed during the search, so the table gets every run id it can
@@ -168,7 +176,10 @@ def run(options: TuneOptions) -> int:
     rescores = _rescore(candidates, evaluator, space, gpus)
     table = trials_table(analysis, space, statuses, rescores, tracker.child_run_ids())
     export = write_outputs(experiment_dir, space, table, rescores, analysis, tracker)
-    _print_summary(table, export, tracking_uri)
+    report = _write_report(experiment_dir, space, gpus, tracker)
+    if report is not None:
+        export.paths["report"] = report
+    _print_summary(table, export, tracking_uri, tracker.experiment_id)
     tracker.finish("FINISHED")
     return _tracking_status(tracker, experiment_dir, _resume_command(options, space))
 
@@ -212,18 +223,56 @@ def _start_ray(address: str | None) -> None:
     else:
         ctx = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
     url = getattr(ctx, "dashboard_url", None)
-    print(f"Ray dashboard: http://{url}" if url else "Ray dashboard: not running on this cluster", flush=True)
+    if not url:
+        print("Ray dashboard: not running on this cluster", flush=True)
+    elif _token_auth_enabled():
+        # Ray 2.5x protects the dashboard with the cluster's token and has no URL that carries it: the
+        # browser asks once and keeps it (a cookie, 30 days). `ray get-auth-token` prints it, for a local
+        # Ray (~/.ray/auth_token) and for a joined one ($RAY_AUTH_TOKEN) alike.
+        ray_cli = Path(sys.executable).with_name("ray")
+        print(f"Ray dashboard: http://{url}  (it asks for a token: paste what "
+              f"`{ray_cli if ray_cli.exists() else 'ray'} get-auth-token` prints)", flush=True)
+    else:
+        print(f"Ray dashboard: http://{url}", flush=True)
 
 
-def _gpus_per_trial(space: SearchSpace) -> float:
+def _token_auth_enabled() -> bool:
+    try:  # Ray's own check; older Rays have no token authentication (and no such module)
+        from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+        return bool(is_token_auth_enabled())
+    except (ImportError, AttributeError):
+        return False
+
+
+def _gpus_per_trial(space: SearchSpace, data, allow_cpu: bool) -> float:
     if space.resources.gpus_per_trial <= 0:
         return 0.0
     if ray.cluster_resources().get("GPU", 0) <= 0:
-        # A GPU request on a CPU-only cluster would leave every trial pending forever.
-        print(f"No GPUs in this Ray cluster: trials run on CPU (ignoring gpus_per_trial={space.resources.gpus_per_trial})",
-              flush=True)
+        # A GPU request on a CPU-only cluster would leave every trial pending forever; running the trials on
+        # the CPUs instead takes days for a GPU-sized space, so say so and stop unless told to go on.
+        _check_cpu_only(space, data, allow_cpu)
+        print(f"--allow-cpu: trials run on CPU (ignoring gpus_per_trial={space.resources.gpus_per_trial})", flush=True)
         return 0.0
     return space.resources.gpus_per_trial
+
+
+def _check_cpu_only(space: SearchSpace, data, allow_cpu: bool) -> None:
+    params = cpu_only.middle_params(space)
+    cfg = space.trial_config(params)
+    threads = max(1, int(space.resources.cpus_per_trial))
+    described = ", ".join(f"{hp.name} {hp.decode(params[hp.name])}" for hp in space.hyperparameters
+                          if hp.kind == "choice") + f"; {threads} thread{'s' if threads > 1 else ''}"
+    print(cpu_only.headline(space), flush=True)
+    print(f"Timing 2 training steps of its model on a worker ({described}) ...", flush=True)
+    task = ray.remote(num_cpus=space.resources.cpus_per_trial)(time_training_steps)
+    measured = ray.get(task.remote(cfg, data, steps=2, threads=threads))
+    est = cpu_only.estimate(space, measured["seconds_per_step"], ray.cluster_resources().get("CPU", 1.0))
+    for line in cpu_only.explain(space, est, described):
+        print(line, flush=True)
+    if not allow_cpu:
+        raise UsageError(f"{space.source}: resources.gpus_per_trial: the space is sized for GPUs and this Ray "
+                         f"cluster has none; use {cpu_only.CPU_SPACE}, or add --allow-cpu to run it anyway")
 
 
 def _tune_config(space: SearchSpace, experiment_dir: Path) -> tune.TuneConfig:
@@ -282,21 +331,47 @@ def _rescore(candidates: list[tuple[Any, str]], evaluator: LikelihoodEvaluator, 
     task = ray.remote(num_cpus=space.resources.cpus_per_trial, num_gpus=gpus)(rescore_checkpoint)
     evaluator_ref = ray.put(evaluator)
     threads = max(1, int(space.resources.cpus_per_trial))
-    refs = {trial.trial_id: task.remote(path, evaluator_ref, threads=threads) for trial, path in candidates}
-    out = {}
-    for trial_id, ref in refs.items():
+    refs = {task.remote(path, evaluator_ref, threads=threads): trial.trial_id for trial, path in candidates}
+    progress = Progress("Re-scoring", len(refs))
+    out, pending = {}, list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        trial_id = refs[ready[0]]
         try:
-            out[trial_id] = ray.get(ref)
+            out[trial_id] = ray.get(ready[0])
         except ray.exceptions.RayError as exc:  # a lost checkpoint or a dead node costs one re-score, not the export
             out[trial_id] = {"failed": True, "mean": math.inf, "stderr": math.nan, "nfe": 0,
                              "reason": f"re-scoring failed: {str(exc).strip().splitlines()[-1][:300]}"}
         r = out[trial_id]
         status = f"failed: {r['reason']}" if r["failed"] else f"{r['mean']:.4f} ± {r['stderr']:.4f} bits/dim, NFE {r['nfe']}"
-        print(f"  {trial_id}: {status}", flush=True)
-    return out
+        progress.done(len(out), f"{trial_id}: {status}")
+    return {trial.trial_id: out[trial.trial_id] for trial, _ in candidates}
 
 
-def _print_summary(table, export: Export, tracking_uri: str) -> None:
+def _write_report(experiment_dir: Path, space: SearchSpace, gpus: float, tracker: ExperimentTracker) -> Path | None:
+    """The report, with the winner's samples drawn by a Ray task; attached to the MLflow parent run.
+
+    A report that fails costs the report, not the experiment: the export is already written."""
+    task = ray.remote(num_cpus=space.resources.cpus_per_trial, num_gpus=gpus)(sample_checkpoint)
+    threads = max(1, int(space.resources.cpus_per_trial))
+
+    def ray_sampler(checkpoint: Path, out: Path, settings: dict[str, Any]) -> dict[str, Any]:
+        info = ray.get(task.remote(str(checkpoint), threads=threads, **settings))
+        out.write_bytes(info.pop("png"))
+        return info
+
+    print(f"\nWriting the report (the winner's samples: ODE, rtol {SAMPLE_SETTINGS['rtol']:g}) ...", flush=True)
+    try:
+        report = build_report(experiment_dir, space, sampler=ray_sampler)
+    except Exception as exc:  # noqa: BLE001 - any bug in a figure must not cost the finished search
+        print(f"Report failed ({type(exc).__name__}: {exc}); rebuild it with: python -m tuner.report {experiment_dir}",
+              file=sys.stderr, flush=True)
+        return None
+    tracker.log_report(report.files)
+    return report.html
+
+
+def _print_summary(table, export: Export, tracking_uri: str, experiment_id: str = "") -> None:
     import pandas as pd
 
     columns = [c for c in ["trial_id", "status", *export.hyperparameter_columns, "val_bpd_last", "val_bpd_accurate",
@@ -318,5 +393,9 @@ def _print_summary(table, export: Export, tracking_uri: str) -> None:
         print(f"  {label:<12} {path}")
     local = tracking_uri.startswith("sqlite:")
     print(f"  {'mlflow':<12} {tracking_uri}" + (f"   (browse: mlflow ui --backend-store-uri {tracking_uri})" if local else ""))
+    # MLflow 3.17's UI opens every experiment on its GenAI view unless the URL asks for model training.
+    ui = "http://127.0.0.1:5000" if local else tracking_uri.rstrip("/")
+    if experiment_id and (local or tracking_uri.startswith("http")):
+        print(f"  {'':<12} trials: {ui}/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
     print(f"Full run: python train.py --config {export.paths['best_config']}")
     sys.stdout.flush()

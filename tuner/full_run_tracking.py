@@ -24,6 +24,8 @@ from typing import Any
 from tuner.outbox import Outbox, new_key, now_ms
 
 MLFLOW_EXPERIMENT = "vpsde-tune"  # the same experiment tuner/tracking.py logs the tuning runs to
+# MLflow 3's UI opens an experiment by this tag's value; without it, it guesses "GenAI apps & agents" and opens
+# on traces. "custom_model_development" is what its "Machine learning" choice writes (mlflow/server/js).
 ROLE_TAG = "vpsde.role"
 BATCH = 1000  # MLflow's limit on metrics per log_batch call
 

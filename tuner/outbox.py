@@ -73,6 +73,11 @@ class Refused(Exception):
     """The store answered and refused the record: sending it again would not help."""
 
 
+# MLflow 3's UI opens an experiment without this tag on its GenAI overview (traces, tokens); ours are model
+# training runs, which it shows under this kind.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
+
 def new_key(*parts: str) -> str:
     return KEY_PREFIX + "/".join(parts or (uuid.uuid4().hex,))
 
@@ -159,9 +164,11 @@ class Outbox:
             self._submit({"op": "log_batch", "run": self._ref(ref), "metrics": points, "params": params or {},
                           "tags": tags or {}})
 
-    def log_artifact(self, ref: str, path: Path) -> None:
-        """Attach a file or a folder; what is sent is what the path holds when the record is sent."""
-        self._submit({"op": "log_artifact", "run": self._ref(ref), "path": str(Path(path).resolve())})
+    def log_artifact(self, ref: str, path: Path, artifact_path: str | None = None) -> None:
+        """Attach a file or a folder (under `artifact_path` in the run's artifacts); what is sent is what the
+        path holds when the record is sent."""
+        self._submit({"op": "log_artifact", "run": self._ref(ref), "path": str(Path(path).resolve()),
+                      "artifact_path": artifact_path})
 
     def set_status(self, ref: str, status: str) -> None:
         self._submit({"op": "set_status", "run": self._ref(ref), "status": status})
@@ -304,7 +311,7 @@ class Outbox:
             path = Path(record["path"])
             if not path.exists():
                 raise Refused(f"{path} no longer exists")
-            client.log_artifact(run_id, str(path))
+            client.log_artifact(run_id, str(path), record.get("artifact_path"))
         elif op == "set_status":
             client.update_run(run_id, status=record["status"])
         elif op == "terminate":
@@ -346,6 +353,8 @@ class Outbox:
                 found = client.get_experiment_by_name(name)
                 if found is None:
                     raise StoreDown(f"experiment {name!r} could not be created")
+            if EXPERIMENT_KIND_TAG not in found.tags:  # unless someone already chose a kind in the UI
+                client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
             self._experiments[(uri, name)] = found.experiment_id
         return self._experiments[(uri, name)]
 

@@ -155,6 +155,11 @@ class ExperimentTracker:
         """A tag on the MLflow experiment ("vpsde-tune") itself."""
         self.outbox.set_experiment_tag(MLFLOW_EXPERIMENT, key, value)
 
+    def log_report(self, files: list[Path]) -> None:
+        """The experiment report (tuner/report.py) under the parent run's report/ folder."""
+        for path in files:
+            self.outbox.log_artifact(self.parent_key, Path(path), artifact_path="report")
+
     def finish(self, status: str) -> None:
         self._state["status"] = status
         self._save()

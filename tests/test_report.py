@@ -1,0 +1,192 @@
+"""The experiment report, built from a recorded experiment (tests/fixtures/recorded) without starting Ray."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+
+from tuner import report as rp
+from tuner.space import load_space
+
+RECORDED = Path(__file__).resolve().parent / "fixtures" / "recorded"
+FULL_LENGTH = 20  # fixed.train.steps of the recorded space
+WINNER = "57d702a9"
+
+
+class Tags(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str]]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+
+def copy_recorded(tmp_path: Path) -> Path:
+    folder = tmp_path / "recorded"
+    shutil.copytree(RECORDED, folder)
+    return folder
+
+
+def no_sampler(*_):
+    raise AssertionError("the sampler must not be called here")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """One real build, samples included (trials.preview in a subprocess, as `python -m tuner.report` does)."""
+    folder = copy_recorded(tmp_path_factory.mktemp("report"))
+    return folder, rp.build_report(folder)
+
+
+def test_report_is_one_self_contained_page_with_every_figure(built):
+    folder, report = built
+    assert report.html == folder / "report" / "report.html"
+    text = report.html.read_text()
+    parser = Tags()
+    parser.feed(text)
+    assert not [t for t, _ in parser.tags if t in ("script", "link", "iframe", "object", "embed")]
+    refs = [a[k] for _, a in parser.tags for k in ("src", "href") if k in a]
+    assert "http://" not in text and "https://" not in text  # nothing fetched, nothing to follow offline
+    assert refs and all(r.startswith("data:image/png;base64,") for r in refs)
+    images = [base64.b64decode(r.split(",", 1)[1]) for r in refs]
+    assert all(png.startswith(b"\x89PNG\r\n\x1a\n") for png in images)
+    assert set(report.figures) == set(rp.FIGURES) and len(images) == len(rp.FIGURES)
+    for name in rp.FIGURES:  # the same figures as files, and the page embeds exactly those bytes
+        assert (folder / "report" / f"{name}.png").read_bytes() in images
+
+
+def test_importance_is_over_the_full_length_trials_and_their_final_scores(built):
+    folder, _ = built
+    summary = json.loads((folder / "report" / "report.json").read_text())
+    table = pd.read_csv(RECORDED / "trials.csv", dtype={"trial_id": str})
+    full = table[(table.status == "completed") & (table.steps == FULL_LENGTH)]
+    assert len(full) == 3 and len(table) == 8  # the recording: 3 completed, 2 stopped early, 3 errored
+    assert sorted(summary["importance"]["trial_ids"]) == sorted(full.trial_id)
+    assert "3 of 8 trials" in summary["importance"]["note"] and "rough" in summary["importance"]["note"]
+
+    # The same study built by hand from trials.csv: hyperparameters as the searcher saw them, final fast score.
+    space = load_space(RECORDED / "space.yaml")
+    distributions = space.to_optuna()
+    params = {}
+    for d in RECORDED.iterdir():
+        lines = (d / "result.json").read_text().splitlines() if (d / "result.json").is_file() else []
+        if lines:
+            params[json.loads(lines[0])["trial_id"]] = json.loads((d / "params.json").read_text())
+    study = optuna.create_study()
+    for row in full.itertuples():
+        study.add_trial(optuna.trial.create_trial(params=params[row.trial_id], distributions=distributions,
+                                                  value=row.val_bpd_last))
+    expected = optuna.importance.get_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+    assert summary["importance"]["values"] == pytest.approx({k: float(v) for k, v in expected.items()})
+
+
+def test_winner_ties_and_samples(built):
+    folder, report = built
+    summary = report.summary
+    assert summary["winner"]["trial_id"] == WINNER and summary["winner"]["fidelity"] == "accurate"
+    rescores = json.loads((RECORDED / "rescores.json").read_text())
+    w = rescores[WINNER]
+    overlapping = {tid for tid, r in rescores.items() if abs(r["mean"] - w["mean"]) <= r["stderr"] + w["stderr"]}
+    assert set(summary["tied_with_winner"]) == overlapping == {WINNER}  # the recording's others are > 2 bits/dim worse
+    assert "overlap" in summary["ties_note"]  # no paired differences in this recording: said so
+    samples = summary["samples"]
+    assert samples["nfe"] > 0 and samples["rtol"] == samples["atol"] == 1e-3 and samples["n_images"] == 36
+    assert samples["step"] == FULL_LENGTH and samples["sampler"] == "probability-flow ODE"
+    text = report.html.read_text()
+    assert f"NFE {samples['nfe']}" in text and "rtol 0.001" in text
+
+
+def test_samples_are_reused_while_the_checkpoint_is_unchanged(built, tmp_path):
+    folder = copy_recorded(tmp_path)
+    shutil.copytree(built[0] / "report", folder / "report")
+    again = rp.build_report(folder, sampler=no_sampler)
+    assert again.summary["samples"]["reused"] is True and "samples" in again.figures
+
+    checkpoint = next(folder.glob(f"run_trial_{WINNER}_*/checkpoint_000001/trainer.pt"))
+    checkpoint.write_bytes(checkpoint.read_bytes() + b"\0")  # another checkpoint: the grid must be drawn anew
+    calls = []
+
+    def fake(ckpt, out, settings):
+        calls.append((ckpt, settings))
+        out.write_bytes((built[0] / "report" / "samples.png").read_bytes())
+        return {**built[1].summary["samples"], "nfe": 7, "reused": False}
+
+    fresh = rp.build_report(folder, sampler=fake)
+    assert len(calls) == 1 and calls[0][0] == checkpoint.parent and calls[0][1] == rp.SAMPLE_SETTINGS
+    assert fresh.summary["samples"]["nfe"] == 7
+
+
+def test_importance_is_omitted_with_the_reason_below_two_full_length_trials(tmp_path):
+    folder = copy_recorded(tmp_path)
+    table = pd.read_csv(folder / "trials.csv", dtype={"trial_id": str})
+    table.loc[table.trial_id != WINNER, "status"] = table.loc[table.trial_id != WINNER, "status"].replace(
+        "completed", "stopped early")
+    table.to_csv(folder / "trials.csv", index=False)
+    out = rp.build_report(folder, sampler=None)
+    assert "importance" not in out.figures and not (folder / "report" / "importance.png").exists()
+    assert out.summary["importance"]["trial_ids"] == [WINNER]
+    text = out.html.read_text()
+    assert "at least 2 trials that reached the full 20 steps, and this experiment has 1" in text
+    assert "samples" not in out.figures and "not drawn" in text  # sampler=None: said, not silently missing
+
+
+def test_an_interrupted_experiment_reads_statuses_from_tunes_state(tmp_path):
+    folder = copy_recorded(tmp_path)
+    expected = dict(pd.read_csv(folder / "trials.csv", dtype={"trial_id": str})[["trial_id", "status"]].values)
+    for name in ("trials.csv", "rescores.json", "best_config.yaml"):
+        (folder / name).unlink()
+    state_file = next(folder.glob("experiment_state-*.json"))
+    state = json.loads(state_file.read_text())
+    running = None
+    for entry in state["trial_data"]:  # one trial was still running when the search stopped
+        trial = json.loads(entry[0])
+        if trial["trial_id"] == "7fb9c396":
+            trial["status"], running = "RUNNING", trial["trial_id"]
+            entry[0] = json.dumps(trial)
+    state_file.write_text(json.dumps(state))
+    expected[running] = "interrupted"
+
+    exp = rp.load_experiment(folder)
+    assert {t.trial_id: t.status for t in exp.trials} == expected  # the export's statuses, rebuilt from Tune's
+    assert not exp.finished and exp.winner.fidelity == "fast"
+    scored = [t for t in exp.trials if t.status not in ("errored", "diverged") and math.isfinite(t.final_bpd)]
+    assert exp.winner.trial_id == min(scored, key=lambda t: t.final_bpd).trial_id
+    out = rp.build_report(folder, sampler=None)
+    assert "rescores" not in out.figures and "not finished" in out.html.read_text()
+
+
+def test_paired_ties_recorded_by_the_export_are_used(tmp_path):
+    folder = copy_recorded(tmp_path)
+    rescores = json.loads((folder / "rescores.json").read_text())
+    for tid, r in rescores.items():
+        r["paired_diff"] = 0.0 if tid == WINNER else r["mean"] - rescores[WINNER]["mean"]
+        r["paired_diff_stderr"] = 0.05
+        r["tied_with_winner"] = tid in (WINNER, "c1620fa7")  # not what the overlap rule says: must win
+    (folder / "rescores.json").write_text(json.dumps(rescores))
+    out = rp.build_report(folder, sampler=None)
+    assert sorted(out.summary["tied_with_winner"]) == sorted([WINNER, "c1620fa7"])
+    text = out.html.read_text()
+    assert "paired diff to winner" in text and "paired comparison" in text
+
+
+def test_command_line_errors_are_one_line(tmp_path, capsys):
+    assert rp.main([str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no such experiment folder" in err
+
+    folder = copy_recorded(tmp_path)
+    (folder / "space.yaml").rename(tmp_path / "elsewhere.yaml")
+    assert rp.main([str(folder), "--no-samples"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--space" in err
+    assert rp.main([str(folder), "--no-samples", "--space", str(tmp_path / "elsewhere.yaml")]) == 0
+    assert (folder / "report" / "report.html").is_file()

@@ -1,0 +1,142 @@
+"""A quick look at a checkpoint: a grid of samples from the probability-flow ODE at a loose tolerance.
+
+This is the winner's picture in the experiment report. At rtol = atol = 1e-3 the ODE solver takes tens of
+score evaluations where the full run's 1e-5 takes hundreds, so a 6 x 6 grid from a tuning-sized model costs
+seconds on a CPU; the images are a little less sharp than at a tight tolerance, which is enough to see what
+the model has learned. It uses `trials.sampling.ode_sample` as it is: the same sampler the full run uses.
+
+The report runs this from the driver side, where no model may be built: as a Ray task during `tune.py`
+(`trials.trainable.sample_checkpoint`), and as this command from `python -m tuner.report`:
+
+    python -m trials.preview --checkpoint CHECKPOINT_DIR_OR_FILE --out grid.png [--n 36] [--rtol 1e-3]
+                             [--atol 1e-3] [--seed 0] [--device auto|cpu|cuda[:N]] [--threads N]
+
+It prints progress with an estimate of the time left on stderr, and one JSON line with the settings, the
+NFE and the seconds on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from trials.config import IMAGE_SIZE
+from trials.model import score_fn
+from trials.sampling import ode_sample, save_grid
+from trials.sde import VPSDE
+from trials.train import eval_model_from_checkpoint, load_checkpoint, resolve_device
+
+CHECKPOINT_FILE = "trainer.pt"  # what trials.trainable writes into each Tune checkpoint folder
+LOOSE_TOLERANCE = 1e-3
+PROGRESS_EVERY_S = 5.0
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """A Tune checkpoint folder (holding trainer.pt) or the checkpoint file itself."""
+    path = Path(path)
+    return path / CHECKPOINT_FILE if path.is_dir() else path
+
+
+class _TimeLeft:
+    """Wraps a score function to print how far the ODE has come (from t = T down to eps) and the time left.
+
+    The estimate extrapolates the time spent so far linearly in t; adaptive steps shrink near eps, so it
+    is optimistic early on and honest near the end.
+    """
+
+    def __init__(self, score, T: float, eps: float, report: Callable[[str], None], every: float = PROGRESS_EVERY_S):
+        self.score, self.T, self.eps, self.report, self.every = score, T, eps, report, every
+        self.start = self.last = time.perf_counter()
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        now = time.perf_counter()
+        if now - self.last >= self.every:
+            self.last = now
+            done = min(max((self.T - float(t.reshape(-1)[0])) / (self.T - self.eps), 1e-6), 1.0)
+            elapsed = now - self.start
+            self.report(f"ODE sampling: t = {float(t.reshape(-1)[0]):.3f} (from {self.T:g} to {self.eps:.1e}), "
+                        f"{self.calls} score evaluations, {elapsed:.0f} s elapsed, "
+                        f"about {elapsed * (1 - done) / done:.0f} s left")
+        return self.score(x, t)
+
+
+def draw_grid(checkpoint: str | Path, out: str | Path, *, n: int = 36, rtol: float = LOOSE_TOLERANCE,
+              atol: float = LOOSE_TOLERANCE, seed: int = 0, device: str = "auto", threads: int | None = None,
+              report: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Sample `n` images with the checkpoint's evaluation weights (EMA when saved); write a PNG grid.
+
+    Returns the settings and costs as plain values: n_images, sampler, method, rtol, atol, eps, seed,
+    nfe, seconds, device, step (the checkpoint's training step), checkpoint, out.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    path = checkpoint_file(checkpoint)
+    ckpt = load_checkpoint(path, map_location=dev)
+    cfg, model = eval_model_from_checkpoint(ckpt, dev)
+    sde = VPSDE(cfg.sde.beta_min, cfg.sde.beta_max, cfg.sde.T)
+    eps = cfg.sde.sampling_eps
+    score = score_fn(model, sde)
+    if report is not None:
+        score = _TimeLeft(score, sde.T, eps, report)
+    generator = torch.Generator(device=dev).manual_seed(seed)
+    start = time.perf_counter()
+    x, nfe = ode_sample(score, sde, (n, 1, IMAGE_SIZE, IMAGE_SIZE), eps=eps, rtol=rtol, atol=atol,
+                        method=cfg.sample.ode_method, generator=generator, device=dev)
+    seconds = time.perf_counter() - start
+    save_grid(x, out, cfg.data.centered)
+    return {"n_images": n, "sampler": "probability-flow ODE", "method": cfg.sample.ode_method, "rtol": rtol,
+            "atol": atol, "eps": eps, "seed": seed, "nfe": int(nfe), "seconds": seconds, "device": str(dev),
+            "step": int(ckpt.get("step", 0)), "checkpoint": str(path), "out": str(out)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from trials.cli import OneLineArgumentParser, positive_float, positive_int
+
+    parser = OneLineArgumentParser(prog="python -m trials.preview",
+                                   description="A sample grid from a checkpoint: the probability-flow ODE at a loose tolerance.")
+    parser.add_argument("--checkpoint", required=True, help="a Tune checkpoint folder (with trainer.pt) or a trials.train checkpoint file")
+    parser.add_argument("--out", required=True, help="PNG file for the grid")
+    parser.add_argument("--n", type=positive_int, default=36, help="images (default 36: a 6 x 6 grid)")
+    parser.add_argument("--rtol", type=positive_float, default=LOOSE_TOLERANCE)
+    parser.add_argument("--atol", type=positive_float, default=LOOSE_TOLERANCE)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda:N'")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args(argv)
+
+    def fail(message: str) -> int:
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        return 2
+
+    path = checkpoint_file(args.checkpoint)
+    if not path.is_file():
+        return fail(f"checkpoint not found: {path}")
+    if not Path(args.out).resolve().parent.is_dir():
+        return fail(f"output folder does not exist: {Path(args.out).parent}")
+    if not (args.device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", args.device)):
+        return fail(f"--device: must be 'auto', 'cpu' or 'cuda[:N]', got {args.device!r}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        return fail(f"--device {args.device}: CUDA is not available on this machine")
+    try:
+        info = draw_grid(path, args.out, n=args.n, rtol=args.rtol, atol=args.atol, seed=args.seed,
+                         device=args.device, threads=args.threads, report=lambda line: print(line, file=sys.stderr, flush=True))
+    except AssertionError as exc:  # torchdiffeq's way of giving up: "underflow in dt", "non-finite values"
+        print(f"{parser.prog}: error: the ODE solver failed: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
+        return 1
+    except (KeyError, RuntimeError, ValueError, OSError) as exc:  # not a trials.train checkpoint
+        return fail(f"{path}: cannot sample from it ({type(exc).__name__}: {str(exc).strip()[:200]})")
+    print(json.dumps(info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
