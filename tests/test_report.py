@@ -81,8 +81,10 @@ def test_importance_is_over_the_full_length_trials_and_their_final_scores(built)
         lines = (d / "result.json").read_text().splitlines() if (d / "result.json").is_file() else []
         if lines:
             params[json.loads(lines[0])["trial_id"]] = json.loads((d / "params.json").read_text())
+    state = json.loads(next(RECORDED.glob("experiment_state-*.json")).read_text())
+    created = [json.loads(entry[0])["trial_id"] for entry in state["trial_data"]]  # the order Tune made them in
     study = optuna.create_study()
-    for row in full.itertuples():
+    for row in sorted(full.itertuples(), key=lambda r: created.index(r.trial_id)):
         study.add_trial(optuna.trial.create_trial(params=params[row.trial_id], distributions=distributions,
                                                   value=row.val_bpd_last))
     expected = optuna.importance.get_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))

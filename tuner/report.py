@@ -161,7 +161,11 @@ def load_experiment(folder: Path, space: SearchSpace | None = None) -> Experimen
     rescores = json.loads((folder / "rescores.json").read_text()) if (folder / "rescores.json").is_file() else {}
 
     trials = []
-    for sub in sorted(p for p in folder.iterdir() if (p / "params.json").is_file()):
+    # In the order Tune created the trials (its state lists them so; the searcher's study has the same order),
+    # which makes the seeded importance below reproducible: fANOVA's forest depends on the row order.
+    created = {name: i for i, name in enumerate(states)}
+    subs = [p for p in folder.iterdir() if (p / "params.json").is_file()]
+    for sub in sorted(subs, key=lambda p: (created.get(p.name, len(created)), p.name)):
         records = _results(sub / "result.json")
         state = states.get(sub.name, {})
         trial_id = state.get("trial_id") or (records[-1].get("trial_id") if records else None) or sub.name
