@@ -228,10 +228,11 @@ def test_a_record_the_store_refuses_is_set_aside_and_the_rest_goes_on(tmp_path, 
     store.client.delete_run(box.run_id(gone))
     rung(box, gone, 10)  # a 4xx answer: not worth retrying, and it must not block what follows
     rung(box, kept, 10)
-    assert clock.slept == [] and box.rejected == 1 and not box.complete
+    rung(box, gone, 20)  # refused too, without a second line
+    assert clock.slept == [] and box.rejected == 2 and not box.complete
     assert len(lines) == 1 and "refused" in lines[0] and str(tmp_path / "exp" / REJECTED_FILE) in lines[0]
     refused = [json.loads(line) for line in (tmp_path / "exp" / REJECTED_FILE).read_text().splitlines()]
-    assert [r["op"] for r in refused] == ["log_batch"] and refused[0]["refused"]
+    assert [r["op"] for r in refused] == ["log_batch", "log_batch"] and refused[0]["refused"]
     assert history(store, box.run_id(kept)) == [(10, 9.0)]
 
 

@@ -402,8 +402,9 @@ class Outbox:
         with self._locked():
             with open(self.rejected_path, "a") as f:
                 f.write(json.dumps({**record, "refused": str(exc)}) + "\n")
-        self.log(f"MLflow: {record['uri']} refused {_describe(record)} ({exc}); the record is kept in "
-                 f"{self.rejected_path}")
+        if self.rejected == 1:  # one line: a refused run refuses every record of it after, each kept with its reason
+            self.log(f"MLflow: {record['uri']} refused {_describe(record)} ({exc}); refused records are kept in "
+                     f"{self.rejected_path}")
 
     # ---- the files -------------------------------------------------------------------------------------
     @contextlib.contextmanager
