@@ -112,3 +112,20 @@ def test_every_algorithm_drives_the_study_past_its_startup_trials(tmp_path, algo
 def test_unknown_algorithm_is_refused():
     with pytest.raises(ValueError, match="algorithm"):
         make_sampler("bayes", 0, 1)
+
+
+@pytest.mark.parametrize("algorithm", ["tpe", "random"])
+def test_a_resumed_search_does_not_propose_its_first_configs_again(tmp_path, algorithm):
+    import pickle
+
+    first = searcher(tmp_path, algorithm)
+    at_start = pickle.dumps(first)  # what Tune keeps in tuner.pkl when the search starts
+    proposed = [first.suggest(f"t{i}") for i in range(2)]
+    for i in range(2):
+        first.on_trial_complete(f"t{i}", rung(40, 3.0 + i))
+    first.save(str(tmp_path / "searcher.pkl"))
+
+    resumed = pickle.loads(at_start)
+    resumed.restore(str(tmp_path / "searcher.pkl"))
+    again = [resumed.suggest(f"t{i}") for i in range(2, 4)]
+    assert not any(p in proposed for p in again), (proposed, again)

@@ -131,13 +131,19 @@ class OptunaSearcher(Searcher):
 
     # ---- Tune's experiment checkpoint ------------------------------------------------------------
     def get_state(self) -> dict[str, Any]:
-        state = {"trial_numbers": dict(self._trial_numbers)}
+        # The sampler goes too: Tune restores the searcher pickled when the search started, and a seeded
+        # sampler from then would propose the same configs again after a resume.
+        state = {"trial_numbers": dict(self._trial_numbers), "sampler": self._sampler}
         if self._storage is None:  # an in-memory study must travel with the state
             state["study"] = self.study
         return state
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._trial_numbers = dict(state["trial_numbers"])
+        if "sampler" in state:
+            self._sampler = state["sampler"]
+            if self._study is not None:
+                self._study.sampler = self._sampler
         if "study" in state:
             self._study = state["study"]
 
