@@ -5,6 +5,8 @@ dict resumes exactly where it stopped. `Trainer.run(until_step)` is a generator:
 metric dicts (every `log_every` steps, and with the validation DSM loss every `val_every` steps). It knows
 nothing about Ray, MLflow or files; the tuning adapter and the full run decide what to do with the metrics.
 A NaN or inf loss ends the run with a final ``{"diverged": True, ...}`` record instead of an exception.
+With train.precision bf16 (or auto on bf16 hardware) the network's training forward runs under bf16
+autocast and everything else stays float32 (trials/precision.py); every record says which precision ran.
 """
 
 from __future__ import annotations
