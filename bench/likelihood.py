@@ -1,33 +1,40 @@
-"""The likelihood evaluator on CPU: against the published way of computing it, and fast against accurate.
+"""The likelihood evaluator on CPU: frame t (the old way), frame logsnr (the default) and the published way.
 
 A small UNet (ch 16, ch_mult 1-2-2, 1 res block) is trained on mnist-5k and snapshotted at increasing step
-counts (the EMA weights, as a trial would be scored), giving checkpoints of different quality. Then:
+counts (the EMA weights, as a trial would be scored), giving checkpoints from barely to well trained. Every
+checkpoint is scored on the same images, dequantization noise and Rademacher probes by:
 
-  1. Reference comparison, on the last checkpoint and one batch: `trials.likelihood.log_likelihood`
-     against `reference_log_likelihood` below, written the way score_sde_pytorch's likelihood.py does it
-     (scipy solve_ivp RK45 on a flattened float64 numpy state; the drift evaluated by one forward pass and
-     the divergence by a second forward pass plus a backward pass), at the same tolerances (the fast and
-     the accurate one), on the same dequantized images with the same Rademacher probes: BPD agreement,
-     NFE and wall time. The two solvers' error norms differ (see `log_likelihood`), so the NFE can too.
-  2. Fast against accurate: every checkpoint scored by one `LikelihoodEvaluator` at both fidelities:
-     NFE, time, the BPD difference on the images both score, and the Spearman rank correlation of the
-     checkpoints' mean BPDs.
+  * frame t, adaptive dopri5: the evaluator before the logsnr frame, at the fast (1e-2, cpu.yaml) and
+    accurate (1e-5) tolerances, and at 1e-3 and 1e-4 in between;
+  * frame logsnr, fixed-step rk4 uniform in lambda: the fast (7 steps) and accurate (32 steps) defaults,
+    and 16 steps in between;
+  * the published approach: `published_log_likelihood` below, written the way score_sde_pytorch's
+    likelihood.py does it (scipy solve_ivp RK45 on a flattened float64 numpy state; the drift by one
+    forward pass, the divergence by a second forward pass plus a backward pass), at the fast and the
+    accurate tolerance.
 
-Each setting is timed once on a shared machine: read the times with the load average printed above the
-tables. The reference baseline lives here and only here; it is not part of the product.
+Each is compared with a reference for the same images and probes: frame logsnr with rk4 on 128 steps. A
+solve at rtol = atol = 1e-7 needs ~2,500 evaluations per checkpoint (the UNet's time embedding of 999 t
+oscillates with a period of 0.006 in t, which an adaptive solver resolves at tight tolerances), too many
+for six checkpoints; so on one checkpoint (--confirm-step) the bench also solves at rtol = atol = 1e-7 in
+both frames and prints how far the rk4 reference is from each (on the checkpoints we tried: < 2e-4 bits/dim).
 
-    .venv/bin/python -m bench.likelihood [--steps 0 10 25 50 100 200] [--fast-images 8] \
-        [--accurate-images 16] [--compare-images 16] [--compare-tol 1e-3 1e-5] [--sizing-images 0] \
-        [--threads 1] [--cache DIR]
+The settings of one checkpoint run back to back, so machine-load drifts hit them alike; read the times
+with the load averages printed above the tables. The published baseline lives here and only here; it is
+not part of the product.
+
+    .venv/bin/python -m bench.likelihood [--steps 0 10 25 50 100 200] [--images 16] [--eps 1e-5] \
+        [--reference-steps 128] [--confirm-step 100] [--threads 1] [--cache DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
+import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,12 +49,11 @@ from trials.sde import VPSDE
 from trials.train import Trainer
 
 SMALL_MODEL = {"ch": 16, "ch_mult": [1, 2, 2], "num_res_blocks": 1}
-FAST_TOL = 1e-3
-ACCURATE_TOL = 1e-5
+TARGET_ERROR = 0.005  # bits/dim from the reference: what "equal error" means in the table
 
 
 # ---- the baseline: score_sde_pytorch's likelihood computation, transcribed ------------------------------
-def reference_log_likelihood(score: ScoreFn, sde: VPSDE, x: torch.Tensor, eps: float, probes: torch.Tensor,
+def published_log_likelihood(score: ScoreFn, sde: VPSDE, x: torch.Tensor, eps: float, probes: torch.Tensor,
                              rtol: float, atol: float) -> tuple[torch.Tensor, int]:
     """log p(x) by scipy RK45 on the flattened state [x, delta_logp], as the published reference does.
 
@@ -122,126 +128,167 @@ def timed(fn):
     return result, time.perf_counter() - start
 
 
-def compare_with_reference(score: ScoreFn, sde: VPSDE, x: torch.Tensor, probes: torch.Tensor, eps: float,
-                           tol: float, centered: bool) -> dict:
+@dataclass(frozen=True)
+class Setting:
+    approach: str  # "t frame", "logsnr frame", "published"
+    role: str  # "fast", "accurate" or "" (a setting in between, for the equal-error comparison)
+    fidelity: FidelityConfig | None  # None: the published approach at `tol`
+    tol: float = 0.0
+
+    @property
+    def label(self) -> str:
+        if self.fidelity is None:
+            return f"scipy RK45 {self.tol:g}"
+        return self.fidelity.describe().split(" ", 1)[1]
+
+
+def settings(images: int) -> list[Setting]:
+    def t_frame(tol):
+        return FidelityConfig(n_images=images, rtol=tol, atol=tol, frame="t", method="dopri5")
+
+    def logsnr(steps):
+        return FidelityConfig(n_images=images, frame="logsnr", method="rk4", steps=steps)
+
+    return [
+        Setting("t frame", "fast", t_frame(1e-2)), Setting("t frame", "", t_frame(1e-3)),
+        Setting("t frame", "", t_frame(1e-4)), Setting("t frame", "accurate", t_frame(1e-5)),
+        Setting("logsnr frame", "fast", logsnr(7)), Setting("logsnr frame", "", logsnr(16)),
+        Setting("logsnr frame", "accurate", logsnr(32)),
+        Setting("published", "fast", None, 1e-2), Setting("published", "accurate", None, 1e-5),
+    ]
+
+
+def score_setting(setting: Setting, score: ScoreFn, sde: VPSDE, x: torch.Tensor, probes: torch.Tensor,
+                  eps: float, centered: bool) -> tuple[np.ndarray, int, float]:
+    """Per-image bits/dim, NFE and seconds of one setting: the evaluator itself, or the published code."""
     dims = x[0].numel()
-    (ours, seconds_ours) = timed(lambda: log_likelihood(score, sde, x, eps, probes=probes, rtol=tol, atol=tol))
-    (reference, seconds_ref) = timed(lambda: reference_log_likelihood(score, sde, x, eps, probes, tol, tol))
-    bpd_ours = bits_per_dim(ours[0].double(), dims, centered)
-    bpd_ref = bits_per_dim(reference[0].double(), dims, centered)
-    print(f"reference comparison at {tol:g} done ({seconds_ours:.0f} s + {seconds_ref:.0f} s)", flush=True)
-    return {"tol": tol, "nfe_ours": ours[2], "nfe_ref": reference[1], "s_ours": seconds_ours, "s_ref": seconds_ref,
-            "bpd_ours": bpd_ours.mean().item(), "bpd_ref": bpd_ref.mean().item(),
-            "max_diff": (bpd_ours - bpd_ref).abs().max().item()}
+    if setting.fidelity is None:
+        (logp, nfe), seconds = timed(lambda: published_log_likelihood(score, sde, x, eps, probes, setting.tol,
+                                                                      setting.tol))
+        return bits_per_dim(logp.double(), dims, centered).numpy(), nfe, seconds
+    cfg = EvalConfig(estimator="rademacher", batch_size=len(x), fast=setting.fidelity, accurate=setting.fidelity)
+    evaluator = LikelihoodEvaluator(x, probes, torch.arange(len(x)), cfg, centered)
+    result = evaluator.evaluate(score, sde, eps, "accurate")
+    if result.failed:
+        raise RuntimeError(f"{setting.label}: {result.reason}")
+    return np.array(result.per_image), result.nfe, result.seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, nargs="+", default=[0, 10, 25, 50, 100, 200],
                         help="DSM steps at which to snapshot a checkpoint (at least 6 for the rank study)")
-    parser.add_argument("--fast-images", type=int, default=8, help="images scored at the fast fidelity")
-    parser.add_argument("--accurate-images", type=int, default=16, help="images scored at the accurate fidelity")
-    parser.add_argument("--compare-images", type=int, default=16, help="batch for the reference comparison")
-    parser.add_argument("--compare-tol", type=float, nargs="+", default=[FAST_TOL, ACCURATE_TOL],
-                        help="rtol = atol values of the reference comparison")
-    parser.add_argument("--sizing-images", type=int, default=0,
-                        help="also time one fast and one accurate evaluation of this many images (0: skip)")
+    parser.add_argument("--images", type=int, default=16, help="validation images, one ODE batch")
+    parser.add_argument("--eps", type=float, default=1e-5, help="lower end of the ODE (sampling_eps)")
+    parser.add_argument("--reference-steps", type=int, default=128, help="rk4 steps of the logsnr reference")
+    parser.add_argument("--confirm-step", type=int, default=100,
+                        help="checkpoint also solved at rtol = atol = 1e-7 in both frames (-1: skip)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--cache", type=Path, default=None, help="folder to keep the trained snapshots in")
     args = parser.parse_args()
-    if args.fast_images > args.accurate_images:
-        parser.error("--fast-images must not exceed --accurate-images (fast scores a prefix of the same images)")
-    if args.compare_images > args.accurate_images:
-        parser.error("--compare-images must not exceed --accurate-images (it compares on a prefix of them)")
+    if args.confirm_step not in (-1, *args.steps):
+        parser.error(f"--confirm-step must be one of --steps ({args.steps}) or -1")
     torch.set_num_threads(args.threads)
     load_at_start = os.getloadavg()[0]
+    start = time.perf_counter()
 
     data = load_data(TrialConfig().data)
     cfg, snapshots = trained_snapshots(args.steps, data, args.cache)
     sde = VPSDE(cfg.sde.beta_min, cfg.sde.beta_max, cfg.sde.T)
-    eps = cfg.sde.sampling_eps
     centered = cfg.data.centered
-    eval_cfg = EvalConfig(estimator="rademacher", seed=0, batch_size=args.accurate_images,
-                          fast=FidelityConfig(n_images=args.fast_images, rtol=FAST_TOL, atol=FAST_TOL),
-                          accurate=FidelityConfig(n_images=args.accurate_images, rtol=ACCURATE_TOL,
-                                                  atol=ACCURATE_TOL))
-    evaluator = LikelihoodEvaluator.build(data.val, eval_cfg, centered=centered)
+    eps = args.eps
+    template = LikelihoodEvaluator.build(data.val, EvalConfig(batch_size=args.images,
+                                                              fast=FidelityConfig(n_images=args.images),
+                                                              accurate=FidelityConfig(n_images=args.images)),
+                                         centered=centered)
+    x, probes = template.x, template.probes
+    dims = x[0].numel()
+    reference_setting = Setting("reference", "", FidelityConfig(n_images=args.images, frame="logsnr", method="rk4",
+                                                                steps=args.reference_steps))
+    all_settings = settings(args.images)
 
-    # 1. Against the reference, on the best checkpoint.
-    last = max(args.steps)
-    best = score_fn(snapshots[last], sde)
-    x, probes = evaluator.x[:args.compare_images], evaluator.probes[:args.compare_images]
-    comparisons = [compare_with_reference(best, sde, x, probes, eps, tol, centered) for tol in args.compare_tol]
-
-    # 2. Fast against accurate, on every checkpoint.
-    rows = []
+    rows = []  # (step, reference bpd per image, {setting: (bpd per image, nfe, seconds)})
+    confirmation = None
     for step in sorted(args.steps):
         score = score_fn(snapshots[step], sde)
-        fast = evaluator.evaluate(score, sde, eps, "fast")
-        accurate = evaluator.evaluate(score, sde, eps, "accurate")
-        same_images = float(np.mean(accurate.per_image[:args.fast_images]))
-        rows.append((step, fast, accurate, fast.mean - same_images))
-        print(f"step {step}: fast {fast.mean:.3f} ({fast.nfe} NFE, {fast.seconds:.0f} s), "
-              f"accurate {accurate.mean:.3f} ({accurate.nfe} NFE, {accurate.seconds:.0f} s)", flush=True)
-
-    # 3. Optionally, what one evaluation of a tuning-sized subset costs (EvalConfig's default tolerances).
-    sizing = []
-    if args.sizing_images > 0:
-        default = EvalConfig()
-        sizing_cfg = EvalConfig(batch_size=args.sizing_images,
-                                fast=dataclasses.replace(default.fast, n_images=args.sizing_images),
-                                accurate=dataclasses.replace(default.accurate, n_images=args.sizing_images))
-        sizing_evaluator = LikelihoodEvaluator.build(data.val, sizing_cfg, centered=centered)
-        for fidelity in ("fast", "accurate"):
-            sizing.append(sizing_evaluator.evaluate(best, sde, eps, fidelity))
-            print(f"sizing {fidelity}: {sizing[-1].nfe} NFE, {sizing[-1].seconds:.0f} s", flush=True)
+        reference, ref_nfe, ref_seconds = score_setting(reference_setting, score, sde, x, probes, eps, centered)
+        results = {}
+        for setting in all_settings:
+            results[setting] = score_setting(setting, score, sde, x, probes, eps, centered)
+        rows.append((step, reference, results))
+        print(f"step {step}: reference {reference.mean():.4f} ({ref_nfe} NFE, {ref_seconds:.0f} s); "
+              + ", ".join(f"{s.approach} {s.label}: {r[0].mean() - reference.mean():+.4f} ({r[1]} NFE, {r[2]:.0f} s)"
+                          for s, r in results.items()), flush=True)
+        if step == args.confirm_step:
+            tight = {}
+            for frame in ("logsnr", "t"):
+                (logp, _, nfe), seconds = timed(lambda: log_likelihood(score, sde, x, eps, probes=probes, rtol=1e-7,
+                                                                       atol=1e-7, frame=frame))
+                tight[frame] = (bits_per_dim(logp.double(), dims, centered).numpy(), nfe, seconds)
+                print(f"step {step}: {frame} frame at rtol = atol = 1e-7: {tight[frame][0].mean():.5f} "
+                      f"({nfe} NFE, {seconds:.0f} s)", flush=True)
+            confirmation = (step, reference, tight)
 
     print()
     print(f"Likelihood evaluator on CPU ({args.threads} thread(s); small UNet "
-          f"{count_parameters(snapshots[last]) / 1e6:.2f}M params; mnist-5k validation, [0, 1] data, "
-          f"eps = {eps:g}; {os.cpu_count()} cores, 1-minute load average {load_at_start:.1f} at the start, "
-          f"{os.getloadavg()[0]:.1f} at the end)")
-    print()
-    print(f"Against the reference (checkpoint at step {last}, {args.compare_images} images, same dequantization "
-          f"and Rademacher probes; reference = scipy RK45 on a numpy state with drift and divergence evaluated "
-          f"separately; ours = torchdiffeq dopri5 with one forward pass per NFE):")
-    print()
-    print("| rtol = atol | reference NFE | ours NFE | reference s | ours s | speed-up | per-NFE speed-up | "
-          "reference BPD | ours BPD | largest per-image difference |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for c in comparisons:
-        per_nfe = (c["s_ref"] / c["nfe_ref"]) / (c["s_ours"] / c["nfe_ours"])
-        print(f"| {c['tol']:g} | {c['nfe_ref']} | {c['nfe_ours']} | {c['s_ref']:.1f} | {c['s_ours']:.1f} | "
-              f"{c['s_ref'] / c['s_ours']:.2f}x | {per_nfe:.2f}x | {c['bpd_ref']:.4f} | {c['bpd_ours']:.4f} | "
-              f"{c['max_diff']:.4f} |")
-    print()
-    print(f"Fast (first {args.fast_images} images, rtol = atol = {FAST_TOL:g}) against accurate "
-          f"({args.accurate_images} images, rtol = atol = {ACCURATE_TOL:g}), one evaluator, same noise and probes:")
-    print()
-    print("| checkpoint (DSM steps) | fast BPD | fast NFE | fast s | accurate BPD | accurate NFE | accurate s | "
-          "fast - accurate, same images |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for step, fast, accurate, diff in rows:
-        print(f"| {step} | {fast.mean:.3f} ± {fast.stderr:.3f} | {fast.nfe} | {fast.seconds:.1f} | "
-              f"{accurate.mean:.3f} ± {accurate.stderr:.3f} | {accurate.nfe} | {accurate.seconds:.1f} | {diff:+.4f} |")
-    rho = stats.spearmanr([r[1].mean for r in rows], [r[2].mean for r in rows]).statistic
-    time_ratio = sum(r[2].seconds for r in rows) / sum(r[1].seconds for r in rows)
-    nfe_ratio = sum(r[2].nfe for r in rows) / sum(r[1].nfe for r in rows)
-    largest_diff = max(abs(r[3]) for r in rows)
-    print()
-    print(f"Spearman rank correlation fast vs accurate over {len(rows)} checkpoints: {rho:.3f}. Accurate costs "
-          f"{time_ratio:.1f}x the time and {nfe_ratio:.1f}x the NFE of fast; largest |fast - accurate| on the same "
-          f"images: {largest_diff:.4f} bits/dim.")
-    if sizing:
+          f"{count_parameters(snapshots[max(args.steps)]) / 1e6:.2f}M params; {args.images} mnist-5k validation "
+          f"images in one batch, [0, 1] data, eps = {eps:g}, Rademacher probes; {os.cpu_count()} cores, 1-minute "
+          f"load average {load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; "
+          f"{(time.perf_counter() - start) / 60:.1f} min in all)")
+    if confirmation is not None:
+        step, reference, tight = confirmation
         print()
-        print(f"One evaluation of {args.sizing_images} images in one batch, checkpoint at step {last}, EvalConfig's "
-              f"default tolerances:")
-        print()
-        print("| fidelity | rtol = atol | NFE | seconds | BPD |")
-        print("|---|---:|---:|---:|---:|")
-        for result in sizing:
-            print(f"| {result.fidelity['name']} | {result.fidelity['rtol']:g} | {result.nfe} | {result.seconds:.1f} | "
-                  f"{result.mean:.3f} ± {result.stderr:.3f} |")
+        print(f"Reference (logsnr rk4, {args.reference_steps} steps) against rtol = atol = 1e-7 at checkpoint {step}: "
+              + "; ".join(f"{frame} frame {bpd.mean():.5f} bits/dim ({nfe} NFE, {seconds:.0f} s), mean difference "
+                          f"{abs(bpd.mean() - reference.mean()):.5f}, largest per image {np.abs(bpd - reference).max():.5f}"
+                          for frame, (bpd, nfe, seconds) in tight.items())
+              + f"; the two frames differ by {abs(tight['t'][0].mean() - tight['logsnr'][0].mean()):.5f}.")
+    print()
+    print("Per checkpoint: NFE, seconds and |bits/dim - reference| of the mean over the images.")
+    print()
+    print("| checkpoint (DSM steps) | reference bpd | approach | fidelity | setting | NFE | seconds | bpd | "
+          "abs. error | largest per-image error |")
+    print("|---:|---:|---|---|---|---:|---:|---:|---:|---:|")
+    for step, reference, results in rows:
+        for setting, (bpd, nfe, seconds) in results.items():
+            print(f"| {step} | {reference.mean():.4f} | {setting.approach} | {setting.role or '-'} | {setting.label} | "
+                  f"{nfe} | {seconds:.1f} | {bpd.mean():.4f} | {abs(bpd.mean() - reference.mean()):.4f} | "
+                  f"{np.abs(bpd - reference).max():.4f} |")
+
+    def summary(setting: Setting) -> dict:
+        per = [r[2][setting] for r in rows]
+        errors = [abs(p[0].mean() - r[1].mean()) for p, r in zip(per, rows)]
+        return {"nfe": float(np.mean([p[1] for p in per])), "seconds": sum(p[2] for p in per),
+                "max_error": max(errors), "means": [p[0].mean() for p in per]}
+
+    sums = {s: summary(s) for s in all_settings}
+    accurate = {s.approach: s for s in all_settings if s.role == "accurate"}
+    print()
+    print(f"Over the {len(rows)} checkpoints (Spearman: rank agreement of the checkpoints' mean bits/dim with the "
+          f"same approach's accurate setting):")
+    print()
+    print("| approach | fidelity | setting | mean NFE | seconds, all checkpoints | largest abs. error | "
+          f"within {TARGET_ERROR:g} | Spearman with accurate |")
+    print("|---|---|---|---:|---:|---:|---|---:|")
+    for setting, sm in sums.items():
+        rho = stats.spearmanr(sm["means"], sums[accurate[setting.approach]]["means"]).statistic
+        print(f"| {setting.approach} | {setting.role or '-'} | {setting.label} | {sm['nfe']:.0f} | {sm['seconds']:.1f} | "
+              f"{sm['max_error']:.4f} | {'yes' if sm['max_error'] <= TARGET_ERROR else 'no'} | {rho:.3f} |")
+
+    def cheapest_within_target(approach: str):
+        ok = [(sums[s]["nfe"], s) for s in all_settings if s.approach == approach and sums[s]["max_error"] <= TARGET_ERROR]
+        return min(ok, key=lambda pair: pair[0]) if ok else None
+
+    print()
+    old, new = cheapest_within_target("t frame"), cheapest_within_target("logsnr frame")
+    if old and new:
+        print(f"Equal error (every checkpoint within {TARGET_ERROR:g} bits/dim of the reference): t frame needs "
+              f"{old[0]:.0f} NFE ({old[1].label}), logsnr frame {new[0]:.0f} NFE ({new[1].label}): "
+              f"{new[0] / old[0]:.2f} of it.")
+    published, ours = sums[accurate["published"]], sums[accurate["logsnr frame"]]
+    print(f"Accurate fidelity: logsnr frame {ours['seconds']:.1f} s against the published approach's "
+          f"{published['seconds']:.1f} s over the checkpoints: {published['seconds'] / ours['seconds']:.1f}x faster "
+          f"(t frame: {published['seconds'] / sums[accurate['t frame']]['seconds']:.1f}x).")
 
 
 if __name__ == "__main__":

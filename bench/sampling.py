@@ -6,12 +6,13 @@ blocks), each briefly trained on mnist-5k so that its score is not the zero an u
 
   * PC at a few (steps, corrector steps): the cost is steps * (1 + corrector steps) score evaluations,
     so the table also extrapolates the measured seconds per evaluation to the config default of 1000 x 1;
-  * the ODE at a loose and at the sampling default tolerance, with its NFE.
+  * the ODE at a loose and at the sampling default tolerance, in the logsnr frame (the default) and in
+    frame t (the old way), with its NFE (the final denoising step included).
 
 A model trained for a few dozen steps is far from a converged one, whose ODE is usually stiffer near
 eps: read the ODE NFE as a lower bound. Each setting is timed once (on a shared machine, expect noise).
 
-    .venv/bin/python -m bench.sampling [--batch 8] [--train-steps 30] [--threads 1]
+    .venv/bin/python -m bench.sampling [--batch 8] [--train-steps 30] [--threads 1] [--ode-only]
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ MODELS = {
 PC_SETTINGS = [(50, 0), (50, 1), (100, 1)]  # (predictor steps, corrector steps per step)
 PC_DEFAULT = (1000, 1)  # SampleConfig's default, too slow to run here: extrapolated
 ODE_TOLERANCES = [1e-3, 1e-5]
+ODE_FRAMES = ["logsnr", "t"]
 
 
 def briefly_trained(model_cfg: dict, train_steps: int, data) -> tuple[TrialConfig, torch.nn.Module]:
@@ -62,6 +64,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="images per sampling call")
     parser.add_argument("--train-steps", type=int, default=30, help="DSM steps before timing (0: untrained)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--ode-only", action="store_true", help="time only the ODE sampler")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load_at_start = os.getloadavg()[0]
@@ -77,26 +80,30 @@ def main() -> None:
         label = f"{name}, {count_parameters(model) / 1e6:.2f}M params"
         print(f"{label}: trained {args.train_steps} steps in {train_seconds:.0f} s", flush=True)
 
-        seconds_per_eval = []
-        for steps, corrector in PC_SETTINGS:
-            x, seconds = timed(lambda: pc_sample(score, sde, shape, eps=sde_cfg.sampling_eps, steps=steps,
-                                                 corrector_steps=corrector,
-                                                 generator=torch.Generator().manual_seed(0)))
+        if not args.ode_only:
+            seconds_per_eval = []
+            for steps, corrector in PC_SETTINGS:
+                x, seconds = timed(lambda: pc_sample(score, sde, shape, eps=sde_cfg.sampling_eps, steps=steps,
+                                                     corrector_steps=corrector,
+                                                     generator=torch.Generator().manual_seed(0)))
+                evals = steps * (1 + corrector)
+                seconds_per_eval.append(seconds / evals)
+                rows.append((label, "PC", f"{steps} steps x (1 + {corrector})", evals, seconds / args.batch, "measured"))
+                print(f"  PC {steps}x(1+{corrector}): {seconds:.1f} s", flush=True)
+            steps, corrector = PC_DEFAULT
             evals = steps * (1 + corrector)
-            seconds_per_eval.append(seconds / evals)
-            rows.append((label, "PC", f"{steps} steps x (1 + {corrector})", evals, seconds / args.batch, "measured"))
-            print(f"  PC {steps}x(1+{corrector}): {seconds:.1f} s", flush=True)
-        steps, corrector = PC_DEFAULT
-        evals = steps * (1 + corrector)
-        per_eval = sum(seconds_per_eval) / len(seconds_per_eval)
-        rows.append((label, "PC", f"{steps} steps x (1 + {corrector})", evals, per_eval * evals / args.batch,
-                     "extrapolated"))
+            per_eval = sum(seconds_per_eval) / len(seconds_per_eval)
+            rows.append((label, "PC", f"{steps} steps x (1 + {corrector})", evals, per_eval * evals / args.batch,
+                         "extrapolated"))
 
         for tol in ODE_TOLERANCES:
-            (x, nfe), seconds = timed(lambda: ode_sample(score, sde, shape, eps=sde_cfg.sampling_eps, rtol=tol,
-                                                         atol=tol, generator=torch.Generator().manual_seed(0)))
-            rows.append((label, "ODE", f"dopri5, rtol = atol = {tol:g}", nfe, seconds / args.batch, "measured"))
-            print(f"  ODE {tol:g}: {nfe} NFE, {seconds:.1f} s", flush=True)
+            for frame in ODE_FRAMES:  # back to back, so load drifts hit both frames alike
+                (x, nfe), seconds = timed(lambda: ode_sample(score, sde, shape, eps=sde_cfg.sampling_eps, rtol=tol,
+                                                             atol=tol, frame=frame,
+                                                             generator=torch.Generator().manual_seed(0)))
+                rows.append((label, "ODE", f"{frame} frame, dopri5, rtol = atol = {tol:g}", nfe,
+                             seconds / args.batch, "measured"))
+                print(f"  ODE {frame} {tol:g}: {nfe} NFE, {seconds:.1f} s", flush=True)
 
     print()
     print(f"Sampling cost on CPU ({args.threads} thread(s), batches of {args.batch} images, "

@@ -43,6 +43,13 @@ def test_yaml_style_exponent_strings_are_numbers():
         ({"data": {"name": "mnist"}}, "data.root: is required"),
         ({"eval": {"fast": {"rtol": 0}}}, "eval.fast.rtol"),
         ({"eval": {"estimator": "exactly"}}, "eval.estimator"),
+        ({"eval": {"fast": {"frame": "sigma"}}}, "eval.fast.frame: must be one of logsnr, t"),
+        ({"eval": {"fast": {"method": "leapfrog"}}}, "eval.fast.method"),
+        ({"eval": {"fast": {"method": "rk4"}}}, "eval.fast.steps: must be >= 1"),
+        ({"eval": {"accurate": {"method": "rk4", "steps": 8, "frame": "t"}}}, "eval.accurate.frame: fixed-step"),
+        ({"eval": {"accurate": {"method": "dopri5", "steps": 8}}}, "eval.accurate.steps: applies to fixed-step"),
+        ({"sample": {"ode_frame": "lambda"}}, "sample.ode_frame"),
+        ({"sample": {"ode_method": "rk4"}}, "sample.ode_method"),
         ({"train": {"device": "tpu"}}, "train.device"),
         ({"train": {"precision": "fp16"}}, "train.precision"),
         ({"train": 3}, "train: must be a mapping"),
@@ -53,6 +60,13 @@ def test_bad_values_give_one_line_errors_naming_the_field(raw, field):
         TrialConfig.from_dict(raw)
     message = str(info.value)
     assert message.startswith(field) and "\n" not in message
+
+
+def test_fidelity_settings_describe_their_solver():
+    cfg = TrialConfig.from_dict({"eval": {"fast": {"method": "rk4", "steps": 7},
+                                          "accurate": {"frame": "t", "rtol": 1e-5, "atol": 1e-5}}})
+    assert cfg.eval.fast.describe() == "logsnr rk4 7 steps"
+    assert cfg.eval.accurate.describe() == "t dopri5 rtol 1e-05 atol 1e-05"
 
 
 def test_set_dotted_builds_nested_overrides():

@@ -209,6 +209,24 @@ def test_a_stop_request_is_honoured_at_the_next_logged_step(mnist5k, tmp_path):
     assert saved["step"] == 10 and [r["step"] for r in saved["full_run"]["history"]] == [5, 10]
 
 
+def test_the_test_score_and_both_samplers_report_progress_with_the_time_left(mnist5k, tmp_path, monkeypatch):
+    monkeypatch.setattr(full_run, "PROGRESS_EVERY_S", 0.0)  # a line at every step: the run is seconds long
+    cfg = TrialConfig.from_dict({**tiny(steps=5).to_dict(), "eval": {**FIXED["eval"], "batch_size": 4}})
+    run = plan(cfg, tmp_path)
+    outcome = full_run.train(run, checkpoint_every=100, log=lambda _: None)
+    lines = []
+    metrics = full_run.finish(run, outcome, log=lines.append)
+    # 8 test images in chunks of 4: one line after the first chunk, then the result.
+    scoring = [line for line in lines if line.startswith("  Test bits/dim 4/8: images (")]
+    assert len(scoring) == 1 and "left)" in scoring[0]
+    pc = [line for line in lines if line.startswith("  PC sampling ")]
+    assert [line.split()[2] for line in pc] == [f"{k}/10:" for k in range(1, 10)] and all("left)" in x for x in pc)
+    ode = [line for line in lines if line.startswith("  ODE sampling ")]
+    shares = [int(line.split()[2].rstrip("%:")) for line in ode]
+    assert len(ode) >= 3 and shares == sorted(shares) and shares[-1] > 50  # lambda covered, in order
+    assert metrics["samples"]["ode"]["nfe"] >= len(ode)
+
+
 def test_only_the_step_count_may_change_on_resume(mnist5k, tmp_path):
     trainer = Trainer(tiny(steps=5), mnist5k)
     list(trainer.run())

@@ -28,6 +28,7 @@ from PIL import Image
 from trials.config import TrialConfig
 from trials.data import MnistData
 from trials.model import UNet, score_fn
+from trials.odesolve import ODEFailure
 from trials.sampling import (
     langevin_correct, main, ode_sample, pc_sample, save_grid, to_image_range,
 )
@@ -136,6 +137,54 @@ def test_ode_draws_from_p_eps():
     assert nfe > 0
 
 
+@pytest.mark.parametrize("frame", ["logsnr", "t"])
+def test_ode_without_denoising_is_the_exact_affine_flow_map(frame):
+    # With the exact Gaussian score the flow maps a prior draw x_T to mean_eps + std_eps / std_T (x_T - mean_T)
+    # per pixel: the sampler must reproduce that map (not just its distribution) in either frame.
+    shape = (64, 1, 4, 4)
+    x, _ = ode_sample(exact_score(), SDE, shape, eps=EPS, rtol=1e-6, atol=1e-6, frame=frame, denoise=False,
+                      generator=torch.Generator().manual_seed(3))
+    x_T = SDE.prior_sample(shape, generator=torch.Generator().manual_seed(3))
+    mean_eps, std_eps = gaussian_marginal(SDE, MEAN, STD, torch.tensor([EPS]))
+    mean_T, std_T = gaussian_marginal(SDE, MEAN, STD, torch.tensor([SDE.T]))
+    torch.testing.assert_close(x, mean_eps + std_eps / std_T * (x_T - mean_T), rtol=0, atol=1e-4)
+
+
+def test_logsnr_frame_needs_fewer_evaluations_than_t_for_the_same_samples():
+    # Data concentrated near a point (std 0.01) make frame t stiff near eps; in the logsnr frame the flow is
+    # nearly a straight line. Same prior draw, same tolerance, samples agree; logsnr is cheaper.
+    std = torch.full((1, 4, 4), 0.01)
+    score = gaussian_score(SDE, MEAN, std)
+    runs = {frame: ode_sample(score, SDE, (64, 1, 4, 4), eps=1e-5, rtol=1e-5, atol=1e-5, frame=frame,
+                              denoise=False, generator=torch.Generator().manual_seed(0)) for frame in ("logsnr", "t")}
+    torch.testing.assert_close(runs["logsnr"][0], runs["t"][0], rtol=0, atol=1e-3)
+    assert runs["logsnr"][1] < runs["t"][1]
+
+
+def test_ode_denoising_returns_the_posterior_mean_of_x0():
+    # At eps = 0.1 the noise left in x_eps is large enough to see: the denoised output is
+    # E[x0 | x_eps] = mean + alpha std^2 (x_eps - alpha mean) / std_eps^2, an affine map of a p_eps draw,
+    # so it is Gaussian with mean `mean` and variance alpha^2 std^4 / std_eps^2 (here 0.17 against p_eps's 0.33).
+    eps = 0.1
+    x, nfe = ode_sample(exact_score(), SDE, SHAPE, eps=eps, rtol=1e-5, atol=1e-5,
+                        generator=torch.Generator().manual_seed(0))
+    raw, raw_nfe = ode_sample(exact_score(), SDE, SHAPE, eps=eps, rtol=1e-5, atol=1e-5, denoise=False,
+                              generator=torch.Generator().manual_seed(0))
+    assert nfe == raw_nfe + 1
+    t = torch.tensor([eps])
+    alpha = SDE.mean_coeff(t).item()
+    _, std_eps = gaussian_marginal(SDE, MEAN, STD, t)
+    sigma = SDE.marginal_std(t).item()
+    torch.testing.assert_close(x, (raw + sigma**2 * exact_score()(raw, t.expand(len(raw)))) / alpha, rtol=0, atol=1e-5)
+    # Standardised with the posterior mean's exact law; the prior mismatch carries through the affine maps.
+    post_std = alpha * STD**2 / std_eps[0]
+    z = ((x - MEAN) / post_std).double()
+    mean_bias, var_bias = prior_mismatch()
+    assert abs(z.mean().item()) <= Z * SE_MEAN + mean_bias + 1e-3
+    assert abs(z.var().item() - 1.0) <= Z * SE_VAR + var_bias + 1e-3
+    assert standardised_moments(raw, eps)[1] == pytest.approx(1.0, abs=Z * SE_VAR + var_bias + 1e-3)
+
+
 def shifted_score():
     return gaussian_score(SDE, MEAN + 0.05, STD)  # a tenth of a standard deviation off
 
@@ -161,7 +210,7 @@ def test_a_wrong_score_fails_the_check(sampler, wrong_score):
         # The flipped score makes the flow blow up; the solver may give up rather than return NaN.
         try:
             x, _ = ode_sample(wrong_score(), SDE, SHAPE, eps=EPS, generator=generator)
-        except AssertionError:  # torchdiffeq's "underflow in dt" / "non-finite values"
+        except ODEFailure:  # torchdiffeq's "underflow in dt" / "non-finite values", translated
             assert wrong_score is flipped_score
             return
         mean_bias, var_bias = prior_mismatch()

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from trials.sde import VPSDE, gaussian_logp, gaussian_marginal, gaussian_score
+from trials.sde import FlowFrame, VPSDE, gaussian_logp, gaussian_marginal, gaussian_score, time_at_neg_log_mean_coeff
 
 SDE = VPSDE(beta_min=0.1, beta_max=20.0, T=1.0)
 TIMES = torch.tensor([1e-5, 1e-3, 0.1, 0.5, 0.9, 1.0], dtype=torch.float64)
@@ -84,3 +84,92 @@ def test_reverse_and_probability_flow_drifts():
     beta = SDE.beta(t)[:, None]
     torch.testing.assert_close(SDE.reverse_drift(x, t, score), -0.5 * beta * x - beta * score)
     torch.testing.assert_close(SDE.probability_flow_drift(x, t, score), -0.5 * beta * x - 0.5 * beta * score)
+
+
+# ---- the log noise-scale clock lambda = log(sigma / alpha) and its inverse --------------------------------
+LAMBDAS = torch.tensor([-12.0, -6.9, -3.0, 0.0, 2.5, 5.0, 9.0], dtype=torch.float64)
+
+
+def test_log_noise_scale_is_log_sigma_over_alpha():
+    expected = torch.log(SDE.marginal_std(TIMES) / SDE.mean_coeff(TIMES))
+    torch.testing.assert_close(SDE.log_noise_scale(TIMES), expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("sde", [SDE, VPSDE(0.1, 4.0, 1.0), VPSDE(1.0, 1.0, 1.0)], ids=["default", "short", "constant"])
+def test_time_at_inverts_log_noise_scale_both_ways(sde):
+    # Round trips to ~machine precision, also at t = 1e-5 where the textbook root (-b + sqrt(b^2 + 4ac)) / 2a
+    # cancels, and for constant beta, where the quadratic degenerates to a line.
+    times = torch.tensor([1e-9, 1e-5, 1e-3, 0.1, 0.5, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(sde.time_at(sde.log_noise_scale(times)), times, rtol=1e-12, atol=0)
+    lambdas = LAMBDAS[LAMBDAS < sde.log_noise_scale(torch.tensor(2.0, dtype=torch.float64))]
+    torch.testing.assert_close(sde.log_noise_scale(sde.time_at(lambdas)), lambdas, rtol=1e-10, atol=1e-12)
+
+
+def test_the_quadratic_inverse_solves_minus_log_alpha():
+    c = torch.tensor([1e-12, 1e-6, 0.01, 1.0, 5.0], dtype=torch.float64)
+    t = time_at_neg_log_mean_coeff(c, SDE.beta_min, SDE.beta_max)
+    torch.testing.assert_close(-SDE.log_mean_coeff(t), c, rtol=1e-13, atol=0)
+    assert (t > 0).all()
+
+
+def test_scale_and_std_at_lambda_are_the_marginals_at_t_of_lambda():
+    alpha, sigma = SDE.scale_and_std_at(LAMBDAS)
+    t = SDE.time_at(LAMBDAS)
+    torch.testing.assert_close(alpha, SDE.mean_coeff(t), rtol=1e-12, atol=0)
+    torch.testing.assert_close(sigma, SDE.marginal_std(t), rtol=1e-10, atol=0)
+    torch.testing.assert_close(sigma / alpha, torch.exp(LAMBDAS), rtol=1e-12, atol=0)
+
+
+def test_dt_dlambda_is_two_sigma_squared_over_beta():
+    lam, h = torch.tensor([-6.0, -1.0, 0.5, 4.0]), 1e-5
+    dt = (SDE.time_at(lam + h) - SDE.time_at(lam - h)) / (2 * h)
+    sigma = SDE.scale_and_std_at(lam)[1]
+    torch.testing.assert_close(dt, 2 * sigma**2 / SDE.beta(SDE.time_at(lam)), rtol=1e-7, atol=0)
+
+
+def test_logsnr_velocity_is_the_probability_flow_drift_times_dt_dlambda():
+    x, score_value = torch.randn(3, 4), torch.randn(3, 4)
+    lam = torch.tensor(-0.7)
+    t = SDE.time_at(lam).expand(3)
+    alpha, sigma = SDE.scale_and_std_at(lam)
+    velocity, part, seen = FlowFrame(SDE, "logsnr").velocity(lambda xx, tt: score_value, x, lam)
+    beta = SDE.beta(t)[:, None]
+    torch.testing.assert_close(velocity, SDE.probability_flow_drift(x, t, score_value) * 2 * sigma**2 / beta,
+                               rtol=1e-10, atol=1e-12)
+    # The part left for the divergence estimate is the network's sigma eps_theta, eps_theta = -sigma score ...
+    torch.testing.assert_close(part, sigma * (-sigma * score_value), rtol=1e-12, atol=1e-12)
+    assert seen is score_value
+    # ... and in y = x / alpha the same flow is dy/dlambda = s eps_theta (s = sigma / alpha): the DDIM form.
+    torch.testing.assert_close(velocity / alpha + x / alpha * sigma**2, sigma / alpha * (-sigma * score_value),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_closed_form_divergence_is_the_integral_of_the_linear_parts_divergence():
+    # The linear part of dx/dlambda is -sigma^2 x: divergence -D sigma^2, integrated numerically in lambda.
+    frame, dims = FlowFrame(SDE, "logsnr"), 7
+    lam0, lam1 = SDE.log_noise_scale(torch.tensor(1e-5)).item(), SDE.log_noise_scale(torch.tensor(1.0)).item()
+    grid = torch.linspace(lam0, lam1, 200001)
+    numeric = torch.trapezoid(-dims * SDE.scale_and_std_at(grid)[1] ** 2, grid).item()
+    assert frame.closed_form_divergence(lam0, lam1, dims) == pytest.approx(numeric, rel=1e-8)
+    expected = dims * (SDE.log_mean_coeff(torch.tensor(1.0)) - SDE.log_mean_coeff(torch.tensor(1e-5))).item()
+    assert frame.closed_form_divergence(lam0, lam1, dims) == pytest.approx(expected, rel=1e-12)
+    assert FlowFrame(SDE, "t").closed_form_divergence(1e-5, 1.0, dims) == 0.0
+
+
+def test_frames_clock_and_time_invert_each_other():
+    for name in ("t", "logsnr"):
+        frame = FlowFrame(SDE, name)
+        for t in (1e-5, 0.3, 1.0):
+            assert frame.time(torch.tensor(frame.clock(t))).item() == pytest.approx(t, rel=1e-12)
+    assert FlowFrame(SDE, "logsnr").clock(0.3) == pytest.approx(SDE.log_noise_scale(torch.tensor(0.3)).item())
+    with pytest.raises(ValueError, match="frame"):
+        FlowFrame(SDE, "sigma")
+
+
+def test_denoise_is_the_posterior_mean_for_gaussian_data():
+    # For N(m, v) data, E[x0 | x_t] = m + alpha v (x_t - alpha m) / (alpha^2 v + sigma^2).
+    mean, std = torch.tensor([0.3, -0.2]), torch.tensor([0.5, 0.1])
+    x, t = torch.randn(4, 2), torch.tensor([0.01, 0.2, 0.6, 1.0])
+    alpha, sigma = SDE.mean_coeff(t)[:, None], SDE.marginal_std(t)[:, None]
+    expected = mean + alpha * std**2 * (x - alpha * mean) / (alpha**2 * std**2 + sigma**2)
+    torch.testing.assert_close(SDE.denoise(x, t, gaussian_score(SDE, mean, std)(x, t)), expected)

@@ -19,6 +19,13 @@ from typing import Any, Mapping
 
 IMAGE_SIZE = 28  # MNIST
 
+# How the probability-flow ODE is integrated (trials.sde, trials.odesolve). "logsnr": in lambda =
+# log(sigma / alpha) on the scaled state x / alpha, where trajectories are nearly straight; "t": in the
+# SDE's own time on x, as before (kept to reproduce and compare older scores: it is the same density).
+FRAMES = ("logsnr", "t")
+ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "adaptive_heun", "fehlberg2")
+FIXED_STEP_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4")
+
 
 class ConfigError(ValueError):
     """A config value is wrong; the message is one line that names the field."""
@@ -128,19 +135,38 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class FidelityConfig:
-    """How hard the likelihood evaluator works: images scored and ODE solver tolerances."""
+    """How hard the likelihood evaluator works: images scored, the ODE's frame, solver and tolerances."""
 
     n_images: int = 64
-    rtol: float = 1e-3
-    atol: float = 1e-3
-    method: str = "dopri5"  # any adaptive torchdiffeq method
+    rtol: float = 1e-3  # adaptive methods only
+    atol: float = 1e-3  # adaptive methods only
+    method: str = "dopri5"  # an adaptive torchdiffeq method, or a fixed-step one with `steps`
+    frame: str = "logsnr"  # "logsnr" (straight trajectories, fewer NFE) or "t" (the SDE's time, the old way)
+    steps: int = 0  # fixed-step methods only: equal steps in lambda from eps to T (NFE = steps x stages)
 
     def check(self, path: str) -> None:
         _require(self.n_images >= 1, f"{path}.n_images", f"must be >= 1, got {self.n_images}")
         _require(self.rtol > 0, f"{path}.rtol", f"must be > 0, got {self.rtol}")
         _require(self.atol > 0, f"{path}.atol", f"must be > 0, got {self.atol}")
-        _require(self.method in ("dopri5", "dopri8", "bosh3", "adaptive_heun", "fehlberg2"),
-                 f"{path}.method", f"must be an adaptive torchdiffeq method, got {self.method!r}")
+        _require(self.frame in FRAMES, f"{path}.frame", f"must be one of {', '.join(FRAMES)}, got {self.frame!r}")
+        _require(self.method in ADAPTIVE_METHODS + FIXED_STEP_METHODS, f"{path}.method",
+                 f"must be an adaptive torchdiffeq method ({', '.join(ADAPTIVE_METHODS)}) or a fixed-step one "
+                 f"({', '.join(FIXED_STEP_METHODS)}), got {self.method!r}")
+        if self.method in FIXED_STEP_METHODS:
+            _require(self.steps >= 1, f"{path}.steps", f"must be >= 1 for the fixed-step method {self.method!r}, "
+                                                       f"got {self.steps}")
+            # Equal steps in t put as much effort at t = 0.9 as at t = 1e-5, where frame t is stiff.
+            _require(self.frame == "logsnr", f"{path}.frame",
+                     f"fixed-step method {self.method!r} needs frame 'logsnr', got {self.frame!r}")
+        else:
+            _require(self.steps == 0, f"{path}.steps",
+                     f"applies to fixed-step methods only ({self.method!r} chooses its own steps), got {self.steps}")
+
+    def describe(self) -> str:
+        """The solver in a few words, for logs: 'logsnr dopri5 rtol 1e-05 atol 1e-05' or 'logsnr midpoint 12 steps'."""
+        if self.method in FIXED_STEP_METHODS:
+            return f"{self.frame} {self.method} {self.steps} steps"
+        return f"{self.frame} {self.method} rtol {self.rtol:g} atol {self.atol:g}"
 
 
 @dataclass(frozen=True)
@@ -150,8 +176,10 @@ class EvalConfig:
     estimator: str = "rademacher"  # Hutchinson probes: "rademacher" or "gaussian"; "exact" for tiny inputs
     seed: int = 0  # fixes the validation subset, the dequantization noise and the probes
     batch_size: int = 128  # images per ODE solve
-    fast: FidelityConfig = field(default_factory=lambda: FidelityConfig(n_images=64, rtol=1e-3, atol=1e-3))
-    accurate: FidelityConfig = field(default_factory=lambda: FidelityConfig(n_images=500, rtol=1e-5, atol=1e-5))
+    # rk4 on equal steps in lambda (the logsnr frame): 7 steps (28 NFE) rank checkpoints as the accurate
+    # setting does; 32 steps (128 NFE) are within 0.005 bits/dim of a 1e-7 solve (bench/likelihood.py, README).
+    fast: FidelityConfig = field(default_factory=lambda: FidelityConfig(n_images=64, method="rk4", steps=7))
+    accurate: FidelityConfig = field(default_factory=lambda: FidelityConfig(n_images=500, method="rk4", steps=32))
 
     def check(self, path: str) -> None:
         _require(self.estimator in ("rademacher", "gaussian", "exact"), f"{path}.estimator",
@@ -173,7 +201,8 @@ class SampleConfig:
     snr: float = 0.16  # Langevin step size by signal-to-noise ratio
     ode_rtol: float = 1e-5
     ode_atol: float = 1e-5
-    ode_method: str = "dopri5"
+    ode_method: str = "dopri5"  # an adaptive torchdiffeq method
+    ode_frame: str = "logsnr"  # the probability-flow ODE's frame, as in eval (FidelityConfig.frame)
     seed: int = 0
 
     def check(self, path: str) -> None:
@@ -183,6 +212,10 @@ class SampleConfig:
         _require(self.snr > 0, f"{path}.snr", f"must be > 0, got {self.snr}")
         _require(self.ode_rtol > 0 and self.ode_atol > 0, f"{path}.ode_rtol",
                  "ode_rtol and ode_atol must be > 0")
+        _require(self.ode_method in ADAPTIVE_METHODS, f"{path}.ode_method",
+                 f"must be an adaptive torchdiffeq method ({', '.join(ADAPTIVE_METHODS)}), got {self.ode_method!r}")
+        _require(self.ode_frame in FRAMES, f"{path}.ode_frame",
+                 f"must be one of {', '.join(FRAMES)}, got {self.ode_frame!r}")
 
 
 @dataclass(frozen=True)

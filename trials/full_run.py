@@ -33,6 +33,8 @@ import yaml
 from trials.config import IMAGE_SIZE, ConfigError, EvalConfig, TrialConfig
 from trials.data import MnistData, load_data
 from trials.likelihood import LikelihoodEvaluator
+from trials.odesolve import ODEFailure
+from trials.progress import Progress, ScoreProgress
 from trials.sampling import ode_sample, pc_sample, save_grid
 from trials.train import Trainer, load_checkpoint, resolve_device
 
@@ -47,6 +49,7 @@ ODE_GRID = "samples_ode.png"
 RESUMABLE_CHANGES = ("train.steps",)
 
 Log = Callable[[str], None]
+PROGRESS_EVERY_S = 10.0  # sampling progress lines, at most this often
 
 
 class ResumeError(ValueError):
@@ -253,17 +256,23 @@ def finish(plan: FullRunPlan, outcome: TrainOutcome, log: Log = print) -> dict[s
     """Test bits/dim, both sample grids and metrics.json for a completed training; returns the metrics."""
     trainer, cfg = plan.trainer, plan.cfg
     fid = plan.evaluator.cfg.accurate
-    log(f"Test bits/dim on the {plan.test_split} split: {fid.n_images} images, {fid.method} "
-        f"rtol {fid.rtol:g} atol {fid.atol:g} ...")
+    log(f"Test bits/dim on the {plan.test_split} split: {fid.n_images} images, {fid.describe()} ...")
     with trainer.evaluating() as score:
-        bpd = plan.evaluator.evaluate(score, trainer.sde, cfg.sde.sampling_eps, "accurate", device=trainer.device)
+        scoring = Progress("  Test bits/dim", fid.n_images)
+
+        def report_scoring(done: int, total: int) -> None:
+            if done < total:  # the result line follows the last chunk
+                log(scoring.line(done, "images"))
+
+        bpd = plan.evaluator.evaluate(score, trainer.sde, cfg.sde.sampling_eps, "accurate", device=trainer.device,
+                                      progress=report_scoring)
         log(f"  {bpd.mean:.4f} ± {bpd.stderr:.4f} bits/dim, NFE {bpd.nfe}, {bpd.seconds:.1f} s"
             if not bpd.failed else f"  failed: {bpd.reason}")
         if bpd.flagged and not bpd.failed:
             log(f"  warning: {bpd.reason}")
-        pc = sample_pc(trainer, score, plan.out_dir / PC_GRID)
+        pc = sample_pc(trainer, score, plan.out_dir / PC_GRID, log)
         log(f"PC samples: {pc['n_images']} images, {pc['nfe']} score evaluations, {pc['seconds']:.1f} s -> {pc['file']}")
-        ode = sample_ode(trainer, score, plan.out_dir / ODE_GRID)
+        ode = sample_ode(trainer, score, plan.out_dir / ODE_GRID, log)
         log(f"ODE samples: {ode['n_images']} images, NFE {ode['nfe']}, {ode['seconds']:.1f} s -> {ode['file']}"
             if not ode["failed"] else f"ODE samples failed: {ode['reason']}")
     val_dsm = trainer.val_dsm()
@@ -289,13 +298,19 @@ def finish(plan: FullRunPlan, outcome: TrainOutcome, log: Log = print) -> dict[s
     return metrics
 
 
-def sample_pc(trainer: Trainer, score, path: Path) -> dict[str, Any]:
+def sample_pc(trainer: Trainer, score, path: Path, log: Log = print) -> dict[str, Any]:
     cfg, sc = trainer.cfg, trainer.cfg.sample
     generator = torch.Generator(device=trainer.device).manual_seed(sc.seed)
+    progress = Progress("  PC sampling", sc.pc_steps, every=PROGRESS_EVERY_S)
+
+    def report(step: int, steps: int) -> None:
+        if step < steps and progress.due():
+            log(progress.line(step, "predictor steps"))
+
     start = time.perf_counter()
     x = pc_sample(score, trainer.sde, (sc.n_images, 1, IMAGE_SIZE, IMAGE_SIZE), eps=cfg.sde.sampling_eps,
                   steps=sc.pc_steps, corrector_steps=sc.corrector_steps, snr=sc.snr, generator=generator,
-                  device=trainer.device)
+                  device=trainer.device, progress=report)
     seconds = time.perf_counter() - start
     save_grid(x, path, cfg.data.centered)
     return {"file": path.name, "n_images": sc.n_images, "steps": sc.pc_steps, "corrector_steps": sc.corrector_steps,
@@ -303,21 +318,23 @@ def sample_pc(trainer: Trainer, score, path: Path) -> dict[str, Any]:
             "seconds": seconds, "finite": bool(torch.isfinite(x).all())}
 
 
-def sample_ode(trainer: Trainer, score, path: Path) -> dict[str, Any]:
+def sample_ode(trainer: Trainer, score, path: Path, log: Log = print) -> dict[str, Any]:
     """Probability-flow ODE samples; a solver that gives up is recorded, not raised, so the run keeps its
     other results (an ODE that cannot be solved is itself a finding about the model)."""
     cfg, sc = trainer.cfg, trainer.cfg.sample
     generator = torch.Generator(device=trainer.device).manual_seed(sc.seed)
     settings = {"file": path.name, "n_images": sc.n_images, "rtol": sc.ode_rtol, "atol": sc.ode_atol,
-                "method": sc.ode_method, "eps": cfg.sde.sampling_eps, "seed": sc.seed}
+                "method": sc.ode_method, "frame": sc.ode_frame, "denoise": True, "eps": cfg.sde.sampling_eps,
+                "seed": sc.seed}
     start = time.perf_counter()
     try:
-        x, nfe = ode_sample(score, trainer.sde, (sc.n_images, 1, IMAGE_SIZE, IMAGE_SIZE), eps=cfg.sde.sampling_eps,
-                            rtol=sc.ode_rtol, atol=sc.ode_atol, method=sc.ode_method, generator=generator,
-                            device=trainer.device)
-    except AssertionError as exc:  # torchdiffeq's way of giving up: "underflow in dt", "non-finite values"
+        x, nfe = ode_sample(ScoreProgress(score, trainer.sde, cfg.sde.sampling_eps, "  ODE sampling", log,
+                                          every=PROGRESS_EVERY_S), trainer.sde, (sc.n_images, 1, IMAGE_SIZE, IMAGE_SIZE), eps=cfg.sde.sampling_eps,
+                            rtol=sc.ode_rtol, atol=sc.ode_atol, method=sc.ode_method, frame=sc.ode_frame,
+                            generator=generator, device=trainer.device)
+    except ODEFailure as exc:
         return {**settings, "file": None, "nfe": None, "seconds": time.perf_counter() - start, "failed": True,
-                "reason": f"the ODE solver failed: {str(exc).splitlines()[0][:200]}"}
+                "reason": str(exc)}
     seconds = time.perf_counter() - start
     save_grid(x, path, cfg.data.centered)
     return {**settings, "nfe": nfe, "seconds": seconds, "finite": bool(torch.isfinite(x).all()), "failed": False,

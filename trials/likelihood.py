@@ -7,10 +7,19 @@ the instantaneous change of variables (Chen et al., 2018) gives
     log p_eps(x) = log p_T(z) + integral_eps^T div_x drift(x(t), t) dt,
 
 where p_T is taken to be the prior N(0, I). So `log_likelihood` integrates the augmented state
-(x, accumulated divergence) with an adaptive solver; the divergence is a Hutchinson estimate
-probe^T (d drift / dx) probe from one vector-Jacobian product, so each function evaluation costs one
-forward and one backward pass of the score model. An exact trace (one backward pass per dimension) is
+(state, accumulated divergence) with a torchdiffeq solver; the divergence is a Hutchinson estimate
+probe^T (d velocity / d state) probe from one vector-Jacobian product, so each function evaluation costs
+one forward and one backward pass of the score model. An exact trace (one backward pass per dimension) is
 there for tiny inputs, where the tests check the estimator against it.
+
+The frame is a setting (`FidelityConfig.frame`, recorded with every score). "logsnr", the default,
+integrates the same ODE in the clock lambda = log(sigma / alpha), where it reads
+dx/dlambda = -sigma^2 x + sigma eps_theta and no term blows up as sigma -> 0; the linear part's divergence
+integrates to D [log alpha(T) - log alpha(eps)] in closed form, leaving only sigma div_x eps_theta to
+estimate (derivation in trials.sde). "t" integrates it as written above, in the SDE's time, where the drift is stiff
+near eps: the old way, kept so that older scores can be reproduced. Both compute the same density, so a
+score from either frame is comparable up to solver error; the logsnr frame reaches a given error with a
+fraction of the function evaluations (bench/likelihood.py, README).
 
 `LikelihoodEvaluator` is the shared yardstick of a tuning run. It is built once by the driver and holds a
 fixed validation subset, fixed dequantization noise and fixed probes (common random numbers), so two trials'
@@ -31,13 +40,12 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from torchdiffeq import odeint
 
 from trials.config import ConfigError, EvalConfig, FidelityConfig
 from trials.data import to_model_space
-from trials.sde import VPSDE
+from trials.odesolve import ODEFailure, solve
+from trials.sde import VPSDE, FlowFrame, ScoreFn
 
-ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 # The uniform density on the data range scores exactly this many bits/dim in either scaling; a model
 # that does worse than that has learned nothing (or diverged).
@@ -48,13 +56,8 @@ UNIFORM_BPD = 8.0
 # step size without ever failing.
 DEFAULT_MAX_NFE = 5000
 
-
-class ODEFailure(RuntimeError):
-    """The likelihood ODE could not be solved to a finite answer; the message says why."""
-
-    def __init__(self, message: str, nfe: int):
-        super().__init__(message)
-        self.nfe = nfe  # function evaluations spent before giving up
+# |x| beyond which a non-finite score is blamed on the ODE state rather than on the model.
+STATE_BLOWUP = 1e6
 
 
 # ---- pure math ------------------------------------------------------------------------------------------
@@ -85,53 +88,58 @@ def draw_probes(shape: tuple[int, ...], estimator: str, generator: torch.Generat
 
 
 class _AugmentedDynamics:
-    """d/dt (x, delta_logp) = (drift, div drift) of the probability-flow ODE, counting its evaluations.
+    """d/dtau (x, delta_logp) = (velocity, div part) of the probability-flow ODE in `frame`.
 
-    The drift and its divergence come from one forward pass: the drift is computed with x requiring grad,
-    and one vector-Jacobian product of that same graph gives probe^T J (or, without probes, one per
-    dimension gives the exact trace). Outputs are detached so that no graph outlives the evaluation.
+    `part` is the velocity less what the frame integrates in closed form (trials.sde.FlowFrame: in frame
+    logsnr, the network's sigma eps_theta; in frame t, the whole drift). The velocity and that divergence
+    come from one forward pass: the velocity is computed with x requiring grad, and one vector-Jacobian
+    product of that same graph gives probe^T J probe (or, without probes, one per dimension gives the
+    exact trace). Outputs are detached so that no graph outlives the evaluation. Counts evaluations in `nfe`.
     """
 
-    def __init__(self, score: ScoreFn, sde: VPSDE, probes: torch.Tensor | None, max_nfe: int | None):
+    def __init__(self, score: ScoreFn, frame: FlowFrame, probes: torch.Tensor | None, max_nfe: int | None):
         self.score = score
-        self.sde = sde
+        self.frame = frame
         self.probes = probes
         self.max_nfe = max_nfe
         self.nfe = 0
 
-    def __call__(self, t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
+    def __call__(self, tau: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
         if self.max_nfe is not None and self.nfe >= self.max_nfe:
             raise ODEFailure(f"ODE needed more than {self.max_nfe} function evaluations (stiff or diverged "
-                             f"model), stopped at t={t.item():.4g}", self.nfe)
+                             f"model), stopped at t={self.frame.time(tau).item():.4g}", self.nfe)
         self.nfe += 1
-        x = state[0]
         with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
-            t_batch = t.expand(x.shape[0])
-            score = self.score(x, t_batch)
-            drift = self.sde.probability_flow_drift(x, t_batch, score)
-            div = self._divergence(drift, x)
+            x = state[0].detach().requires_grad_(True)
+            velocity, part, score = self.frame.velocity(self.score, x, tau)
+            div = self._divergence(part, x)
         # One host sync per evaluation; the solver makes one per step anyway to accept or reject it.
         if not bool(torch.isfinite(score).all() & torch.isfinite(div).all()):
-            raise ODEFailure(f"{self._diagnose(x, score)} at t={t.item():.4g}", self.nfe)
-        return drift.detach(), div.detach()
+            raise ODEFailure(f"{self._diagnose(x, score)} at t={self.frame.time(tau).item():.4g}", self.nfe)
+        return velocity.detach(), div.detach()
 
     @staticmethod
     def _diagnose(x: torch.Tensor, score: torch.Tensor) -> str:
         if not torch.isfinite(x).all():
             return "the ODE state blew up (x is NaN/inf)"
+        # Data and prior live within a few units of 0; a score that overflowed on an x far beyond that was
+        # handed a state that had already blown up.
+        if x.abs().max() > STATE_BLOWUP:
+            return f"the ODE state blew up (|x| reached {x.abs().max().item():.3g})"
         if not torch.isfinite(score).all():
             return "the score model returned NaN/inf"
         return "the divergence is NaN/inf"
 
-    def _divergence(self, drift: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _divergence(self, velocity: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if not velocity.requires_grad:  # a score that ignores x (the zero score of the tests)
+            return torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         if self.probes is not None:
-            (vjp,) = torch.autograd.grad((drift * self.probes).sum(), x)
+            (vjp,) = torch.autograd.grad((velocity * self.probes).sum(), x)
             return (vjp * self.probes).flatten(1).sum(dim=1)
         # Exact trace: the gradient of output i is row i of the Jacobian, whose entry i is J_ii. Summing
         # output i over the batch gets every image's row at once, as images do not interact. D backward
         # passes: tiny inputs only.
-        flat = drift.flatten(1)
+        flat = velocity.flatten(1)
         dims = flat.shape[1]
         trace = torch.zeros(flat.shape[0], dtype=flat.dtype, device=flat.device)
         for i in range(dims):
@@ -141,7 +149,8 @@ class _AugmentedDynamics:
 
 
 def log_likelihood(score: ScoreFn, sde: VPSDE, x: torch.Tensor, eps: float, *,
-                   probes: torch.Tensor | None = None, rtol: float, atol: float, method: str = "dopri5",
+                   probes: torch.Tensor | None = None, rtol: float = 1e-5, atol: float = 1e-5,
+                   method: str = "dopri5", frame: str = "logsnr", steps: int = 0,
                    max_nfe: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Log-density at x of the model defined by the probability-flow ODE, with its latent and the NFE.
 
@@ -152,6 +161,13 @@ def log_likelihood(score: ScoreFn, sde: VPSDE, x: torch.Tensor, eps: float, *,
 
     per image (summed over all dimensions, in nats, for the continuous x as given). With the true score of
     the data it is log p_eps(x) up to the prior mismatch log N(z; 0, I) - log p_T(z).
+
+    `frame` "logsnr" integrates the same ODE in the clock lambda = log(sigma / alpha), adding the linear
+    part's D [log alpha(T) - log alpha(eps)] in closed form so that only the network's divergence is
+    estimated (trials.sde); "t" integrates it as written above. Both give the same number up to solver
+    error; logsnr needs far fewer evaluations.
+    `method` is an adaptive torchdiffeq method (rtol/atol) or a fixed-step one (`steps` equal steps in the
+    frame's clock; see trials.odesolve).
 
     `score(x, t)` is any callable with t of shape (B,); put a network in eval mode first (dropout would
     make the ODE random). `probes` (same shape as x, fixed over the solve) select the Hutchinson estimate
@@ -165,22 +181,17 @@ def log_likelihood(score: ScoreFn, sde: VPSDE, x: torch.Tensor, eps: float, *,
         raise ValueError(f"probes have shape {tuple(probes.shape)}, expected the shape of x {tuple(x.shape)}")
     if not 0 < eps < sde.T:
         raise ValueError(f"eps must be in (0, T={sde.T}), got {eps}")
-    dynamics = _AugmentedDynamics(score, sde, None if probes is None else probes.to(x), max_nfe)
-    # The state is a tuple, so torchdiffeq's error norm is the larger of the RMS errors of x and of
+    flow = FlowFrame(sde, frame)
+    dynamics = _AugmentedDynamics(score, flow, None if probes is None else probes.to(x), max_nfe)
+    tau0, tau1 = flow.clock(eps), flow.clock(sde.T)
+    # The state is a tuple, so torchdiffeq's error norm is the larger of the RMS errors of the state and of
     # delta_logp: the log-density gets a tolerance of its own instead of being one entry in D + 1 of a flat
     # state, as in score_sde's scipy solve. On a trained MNIST model at rtol = atol = 1e-3 that costs ~25%
     # more evaluations for a 6x smaller bits/dim error (bench/likelihood.py, README).
-    # Time-like quantities stay in float64 inside torchdiffeq whatever the state's dtype.
-    times = torch.tensor([eps, sde.T], dtype=torch.float64, device=x.device)
     state0 = (x.detach(), torch.zeros(x.shape[0], dtype=x.dtype, device=x.device))
-    try:
-        with torch.no_grad():
-            xs, delta_logps = odeint(dynamics, state0, times, rtol=rtol, atol=atol, method=method)
-    except AssertionError as exc:  # torchdiffeq's way of failing: "underflow in dt", "non-finite values"
-        raise ODEFailure(f"ODE solver failed after {dynamics.nfe} evaluations: {str(exc).splitlines()[0][:200]}",
-                         dynamics.nfe) from None
-    z, delta_logp = xs[-1], delta_logps[-1]
-    logp = sde.prior_logp(z) + delta_logp
+    with torch.no_grad():
+        z, delta_logp = solve(dynamics, state0, tau0, tau1, method=method, rtol=rtol, atol=atol, steps=steps)
+    logp = sde.prior_logp(z) + delta_logp + flow.closed_form_divergence(tau0, tau1, x[0].numel())
     if not torch.isfinite(logp).all():
         raise ODEFailure(f"non-finite log-likelihood after the ODE ({dynamics.nfe} evaluations): the state blew up",
                          dynamics.nfe)
@@ -194,7 +205,8 @@ class BPDResult:
 
     mean/stderr/per_image are bits/dim; nfe is the total number of function evaluations over all ODE solves
     (each solve covers up to eval.batch_size images); seconds is wall time. `fidelity` records the settings
-    (name, n_images, rtol, atol, method, estimator, eps, batch_size, seed). A failed score has mean = inf
+    (name, n_images, rtol, atol, method, estimator, eps, batch_size, seed, frame, steps); a score without
+    "frame" (written before it existed) was computed in frame "t". A failed score has mean = inf
     and the reason; `flagged` marks a mean above 8 bits/dim (worse than uniform noise: a broken or diverged
     model), with the reason saying so. reason is None for a healthy score.
     """
@@ -256,17 +268,19 @@ class LikelihoodEvaluator:
         raise ValueError(f"fidelity must be 'fast' or 'accurate', got {fidelity!r}")
 
     def evaluate(self, score: ScoreFn, sde: VPSDE, eps: float, fidelity: str = "fast",
-                 device: torch.device | str | None = None) -> BPDResult:
+                 device: torch.device | str | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> BPDResult:
         """Bits/dim of `score` (a model in eval mode) on the fixed images; never raises for a bad model.
 
         eps is the trial's sampling_eps, the lower end of the ODE. Images go through the ODE in chunks of
         eval.batch_size on `device` (default CPU), which must be where the score model lives. Errors that
         are not the model's numbers (a wrong device or shape, out of memory) are bugs and do propagate.
+        `progress(images done, n_images)` is called after each chunk.
         """
         fid = self.fidelity_config(fidelity)
         settings = {"name": fidelity, "n_images": fid.n_images, "rtol": fid.rtol, "atol": fid.atol,
                     "method": fid.method, "estimator": self.cfg.estimator, "eps": eps,
-                    "batch_size": self.cfg.batch_size, "seed": self.cfg.seed}
+                    "batch_size": self.cfg.batch_size, "seed": self.cfg.seed, "frame": fid.frame, "steps": fid.steps}
         device = torch.device(device) if device is not None else torch.device("cpu")
         dims = self.x[0].numel()
         per_image: list[float] = []
@@ -278,13 +292,16 @@ class LikelihoodEvaluator:
             probes = None if self.probes is None else self.probes[lo:hi].to(device)
             try:
                 logp, _, chunk_nfe = log_likelihood(score, sde, x, eps, probes=probes, rtol=fid.rtol,
-                                                    atol=fid.atol, method=fid.method, max_nfe=self.max_nfe)
+                                                    atol=fid.atol, method=fid.method, frame=fid.frame,
+                                                    steps=fid.steps, max_nfe=self.max_nfe)
             except ODEFailure as exc:
                 return BPDResult(mean=math.inf, stderr=math.nan, per_image=[], nfe=nfe + exc.nfe,
                                  seconds=time.perf_counter() - start,
                                  fidelity=settings, failed=True, reason=f"images {lo}-{hi - 1}: {exc}", flagged=True)
             nfe += chunk_nfe
             per_image.extend(bits_per_dim(logp, dims, self.centered).double().cpu().tolist())
+            if progress is not None:
+                progress(hi, fid.n_images)
         values = torch.tensor(per_image, dtype=torch.float64)
         mean = values.mean().item()
         stderr = (values.std() / math.sqrt(len(values))).item() if len(values) > 1 else math.nan

@@ -28,6 +28,8 @@ import torch
 
 from trials.config import IMAGE_SIZE
 from trials.model import score_fn
+from trials.odesolve import ODEFailure
+from trials.progress import ScoreProgress
 from trials.sampling import ode_sample, save_grid
 from trials.sde import VPSDE
 from trials.train import eval_model_from_checkpoint, load_checkpoint, resolve_device
@@ -41,31 +43,6 @@ def checkpoint_file(path: str | Path) -> Path:
     """A Tune checkpoint folder (holding trainer.pt) or the checkpoint file itself."""
     path = Path(path)
     return path / CHECKPOINT_FILE if path.is_dir() else path
-
-
-class _TimeLeft:
-    """Wraps a score function to print how far the ODE has come (from t = T down to eps) and the time left.
-
-    The estimate extrapolates the time spent so far linearly in t; adaptive steps shrink near eps, so it
-    is optimistic early on and honest near the end.
-    """
-
-    def __init__(self, score, T: float, eps: float, report: Callable[[str], None], every: float = PROGRESS_EVERY_S):
-        self.score, self.T, self.eps, self.report, self.every = score, T, eps, report, every
-        self.start = self.last = time.perf_counter()
-        self.calls = 0
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        now = time.perf_counter()
-        if now - self.last >= self.every:
-            self.last = now
-            done = min(max((self.T - float(t.reshape(-1)[0])) / (self.T - self.eps), 1e-6), 1.0)
-            elapsed = now - self.start
-            self.report(f"ODE sampling: t = {float(t.reshape(-1)[0]):.3f} (from {self.T:g} to {self.eps:.1e}), "
-                        f"{self.calls} score evaluations, {elapsed:.0f} s elapsed, "
-                        f"about {elapsed * (1 - done) / done:.0f} s left")
-        return self.score(x, t)
 
 
 def draw_grid(checkpoint: str | Path, out: str | Path, *, n: int = 36, rtol: float = LOOSE_TOLERANCE,
@@ -86,14 +63,15 @@ def draw_grid(checkpoint: str | Path, out: str | Path, *, n: int = 36, rtol: flo
     eps = cfg.sde.sampling_eps
     score = score_fn(model, sde)
     if report is not None:
-        score = _TimeLeft(score, sde.T, eps, report)
+        score = ScoreProgress(score, sde, eps, "ODE sampling", report, every=PROGRESS_EVERY_S)
     generator = torch.Generator(device=dev).manual_seed(seed)
     start = time.perf_counter()
     x, nfe = ode_sample(score, sde, (n, 1, IMAGE_SIZE, IMAGE_SIZE), eps=eps, rtol=rtol, atol=atol,
-                        method=cfg.sample.ode_method, generator=generator, device=dev)
+                        method=cfg.sample.ode_method, frame=cfg.sample.ode_frame, generator=generator, device=dev)
     seconds = time.perf_counter() - start
     save_grid(x, out, cfg.data.centered)
-    return {"n_images": n, "sampler": "probability-flow ODE", "method": cfg.sample.ode_method, "rtol": rtol,
+    return {"n_images": n, "sampler": "probability-flow ODE", "method": cfg.sample.ode_method,
+            "frame": cfg.sample.ode_frame, "denoise": True, "rtol": rtol,
             "atol": atol, "eps": eps, "seed": seed, "nfe": int(nfe), "seconds": seconds, "device": str(dev),
             "step": int(ckpt.get("step", 0)), "checkpoint": str(path), "out": str(out)}
 
@@ -129,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         info = draw_grid(path, args.out, n=args.n, rtol=args.rtol, atol=args.atol, seed=args.seed,
                          device=args.device, threads=args.threads, report=lambda line: print(line, file=sys.stderr, flush=True))
-    except AssertionError as exc:  # torchdiffeq's way of giving up: "underflow in dt", "non-finite values"
-        print(f"{parser.prog}: error: the ODE solver failed: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
+    except ODEFailure as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 1
     except (KeyError, RuntimeError, ValueError, OSError) as exc:  # not a trials.train checkpoint
         return fail(f"{path}: cannot sample from it ({type(exc).__name__}: {str(exc).strip()[:200]})")

@@ -5,7 +5,8 @@ Both samplers start from the prior N(0, I) at t = T and run time backwards to t 
   pc_sample   Euler-Maruyama steps of the reverse SDE  dx = [f(x, t) - g(t)^2 score(x, t)] dt + g(t) dw_bar
               (the predictor), each preceded by Langevin MCMC steps that pull x towards p_t (the corrector).
   ode_sample  the probability-flow ODE  dx/dt = f(x, t) - 1/2 g(t)^2 score(x, t), integrated by an adaptive
-              torchdiffeq solver; deterministic given the prior draw, and it reports its function evaluations.
+              torchdiffeq solver (by default in the logsnr frame of trials.sde) and ended with a denoising
+              step; deterministic given the prior draw, and it reports its function evaluations.
 
 `score(x, t)` is any callable with t of shape (B,): a network wrapped by `trials.model.score_fn` (put it
 in eval mode first), or the closed-form `trials.sde.gaussian_score` that the tests use. The functions here
@@ -25,12 +26,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torchdiffeq import odeint
 
 from trials.config import IMAGE_SIZE
-from trials.sde import VPSDE, per_sample
-
-ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from trials.odesolve import ODEFailure, solve
+from trials.sde import VPSDE, FlowFrame, ScoreFn, per_sample
 
 
 def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -119,38 +118,46 @@ def pc_sample(score: ScoreFn, sde: VPSDE, shape: tuple[int, ...], *, eps: float,
 
 # ---- probability-flow ODE ----------------------------------------------------------------------------------
 class _ProbabilityFlow:
-    """The right-hand side dx/dt of the probability-flow ODE for torchdiffeq, counting its evaluations."""
+    """The probability-flow ODE's dx/dtau in `frame` for torchdiffeq, counting its evaluations."""
 
-    def __init__(self, score: ScoreFn, sde: VPSDE):
+    def __init__(self, score: ScoreFn, frame: FlowFrame):
         self.score = score
-        self.sde = sde
+        self.frame = frame
         self.nfe = 0
 
-    def __call__(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, tau: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         self.nfe += 1
-        t_batch = t.to(x.dtype).repeat(x.shape[0])  # torchdiffeq keeps time in float64
-        return self.sde.probability_flow_drift(x, t_batch, self.score(x, t_batch))
+        return self.frame.velocity(self.score, x, tau)[0]
 
 
 @torch.no_grad()
 def ode_sample(score: ScoreFn, sde: VPSDE, shape: tuple[int, ...], *, eps: float, rtol: float = 1e-5,
-               atol: float = 1e-5, method: str = "dopri5", generator: torch.Generator | None = None,
-               device: torch.device | str = "cpu") -> tuple[torch.Tensor, int]:
-    """Integrate the probability-flow ODE from a prior draw at T back to eps; returns (x_eps, nfe).
+               atol: float = 1e-5, method: str = "dopri5", frame: str = "logsnr", denoise: bool = True,
+               generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> tuple[torch.Tensor, int]:
+    """Integrate the probability-flow ODE from a prior draw at T back to eps; returns (x, nfe).
 
-    `method` is an adaptive torchdiffeq solver (dopri5, bosh3, ...); the error control is over the whole
-    batch, so all images share the step sizes. nfe counts every evaluation of the drift (one score call
-    each), rejected steps included: it is the cost of the sample.
+    `frame` "logsnr" integrates dx/dlambda = -sigma^2 x + sigma eps_theta in lambda = log(sigma / alpha)
+    (trials.sde), "t" the ODE in the SDE's time; `method` is an adaptive torchdiffeq solver (dopri5, bosh3, ...), whose error
+    control is over the whole batch, so all images share the step sizes. With `denoise` the result is the
+    posterior mean E[x_0 | x_eps] = (x_eps + sigma^2 score) / alpha, one more score evaluation: what is left
+    of the noise at eps (and of an under-trained score's errors) would otherwise speckle the images.
+    nfe counts every score evaluation, rejected steps and the denoising one included: it is the cost of
+    the sample. Raises trials.odesolve.ODEFailure when the solver gives up.
     """
     if not 0 < eps < sde.T:
         raise ValueError(f"eps must be in (0, T={sde.T}), got {eps}")
     x_T = sde.prior_sample(shape, generator=generator, device=device)
-    flow = _ProbabilityFlow(score, sde)
-    times = torch.tensor([sde.T, eps], dtype=torch.float64, device=x_T.device)
-    # An adaptive solver steps past its end point and interpolates back; past eps that would evaluate the
-    # SDE at t < 0, where sigma(t) is not real. step_t makes the last step land exactly on eps instead.
-    xs = odeint(flow, x_T, times, rtol=rtol, atol=atol, method=method, options={"step_t": times[1:]})
-    return xs[-1], flow.nfe
+    flow = FlowFrame(sde, frame)
+    field = _ProbabilityFlow(score, flow)
+    tau_T, tau_eps = flow.clock(sde.T), flow.clock(eps)
+    # An adaptive solver steps past its end point and interpolates back; past eps frame t would evaluate the
+    # SDE at t < 0, where sigma(t) is not real. land_on_end makes the last step end exactly on eps instead.
+    x = solve(field, x_T, tau_T, tau_eps, method=method, rtol=rtol, atol=atol, land_on_end=True)
+    if denoise:
+        t = torch.full((shape[0],), eps, dtype=x.dtype, device=x.device)
+        x = sde.denoise(x, t, score(x, t))
+        field.nfe += 1
+    return x, field.nfe
 
 
 # ---- images --------------------------------------------------------------------------------------------------
@@ -226,11 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         try:
             x, nfe = ode_sample(score, sde, shape, eps=cfg.sde.sampling_eps, rtol=sc.ode_rtol, atol=sc.ode_atol,
-                                method=sc.ode_method, generator=generator, device=device)
-        except AssertionError as exc:  # torchdiffeq's way of giving up: "underflow in dt", "non-finite values"
-            print(f"{parser.prog}: error: the ODE solver failed: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
+                                method=sc.ode_method, frame=sc.ode_frame, generator=generator, device=device)
+        except ODEFailure as exc:
+            print(f"{parser.prog}: error: {exc}", file=sys.stderr)
             return 1
-        cost = f"{nfe} function evaluations ({sc.ode_method}, rtol {sc.ode_rtol:g}, atol {sc.ode_atol:g})"
+        cost = (f"{nfe} function evaluations ({sc.ode_frame} {sc.ode_method}, rtol {sc.ode_rtol:g}, "
+                f"atol {sc.ode_atol:g})")
     seconds = time.perf_counter() - start
     save_grid(x, args.out, cfg.data.centered)
     print(f"{args.sampler}: {n} images, {cost}, {seconds:.1f} s ({seconds / n:.3f} s/image) -> {args.out}")

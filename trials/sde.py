@@ -7,14 +7,60 @@ all take their formulas from here. A score is passed in as a tensor (or a callab
 so these functions are pure and work equally for a network and for a closed-form score in the tests.
 
 Time tensors `t` have shape (B,) and broadcast against a batch `x` of shape (B, ...).
+
+The probability-flow ODE in two frames
+--------------------------------------
+With x_t = alpha x_0 + sigma z and the noise prediction eps_theta = -sigma * score, the probability-flow
+ODE in the SDE's own time is
+
+    dx/dt = -1/2 beta x - 1/2 beta score = -1/2 beta x + beta eps_theta / (2 sigma)           (frame "t")
+
+whose second term grows like 1/sigma as t -> 0: stiff near eps. Scale by the signal level, y = x / alpha
+and s = sigma / alpha (the noise level of y = x_0 + s z). From d log alpha / dt = -beta / 2 and
+s^2 = 1 / alpha^2 - 1:
+
+    dy/dt = (dx/dt) / alpha + beta x / (2 alpha) = beta eps_theta / (2 sigma alpha)
+    ds/dt = beta / (2 s alpha^2) = beta / (2 sigma alpha)
+    =>  dy/ds = eps_theta(alpha y, t(s)),
+
+the form behind DDIM, EDM and DPM-Solver, where trajectories are nearly straight. Its clock is
+lambda = log s = log(sigma / alpha) = -1/2 log SNR, which spreads the noise levels evenly (t = 1e-5 ... 1
+is lambda = -6.9 ... 5.0 for the default beta): dt/dlambda = 2 sigma^2 / beta, and
+
+    dy/dlambda = s eps_theta,      or, back in x = alpha y,
+    dx/dlambda = -sigma^2 x + sigma eps_theta(x, t(lambda)) = -sigma^2 (x + score)             (frame "logsnr")
+
+Frame "logsnr" integrates the second form: the clock is lambda (which is what removes the stiffness: every
+term is bounded as sigma -> 0), the state stays x. In y the state grows like e^lambda at high noise, which
+a Runge-Kutta step in lambda has to resolve: on the MNIST UNets of bench/likelihood.py the y state gave
+about twice the bits/dim error of the x state at the same number of evaluations.
+
+Densities. Along dx/dlambda = v, d log p / dlambda = -div_x v, and div_x v = -D sigma^2 + sigma div_x eps_theta.
+The first term is the linear part's, and integrates in closed form, since sigma^2 dlambda = beta/2 dt:
+-D integral sigma^2 dlambda = D [log alpha(T) - log alpha(eps)]. So, from eps to T,
+
+    log p_eps(x) = log p_T(x_T) + D [log alpha(T) - log alpha(eps)] + integral sigma div_x eps_theta dlambda,
+
+which is the change of variables to y (log p_y = log p_x + D log alpha; div_y(s eps_theta) = sigma div_x eps_theta)
+written out. Check against frame t: there div_x drift = -1/2 beta D + beta div_x eps_theta / (2 sigma); the
+first term integrates to the same D [log alpha(T) - log alpha(eps)], and the second, with dt = 2 sigma^2 /
+beta dlambda, to the same integral of sigma div_x eps_theta. Only that integral needs a divergence
+estimate, and its integrand stays bounded as sigma -> 0 (for a good model eps_theta ~ (x - alpha x_0) /
+sigma, so div ~ D / sigma), where frame t's grows like 1/sigma^2. `FlowFrame` holds both frames; the
+t(lambda) it needs is the closed-form inverse `time_at_neg_log_mean_coeff` of the quadratic -log alpha(t).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+
+from trials.config import FRAMES
+
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def per_sample(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -50,6 +96,21 @@ class VPSDE:
         # 1 - alpha^2 written with expm1: at t ~ 1e-5 the naive form loses most of its digits in float32.
         return torch.sqrt(-torch.expm1(2.0 * self.log_mean_coeff(t)))
 
+    def log_noise_scale(self, t: torch.Tensor) -> torch.Tensor:
+        """lambda(t) = log(sigma / alpha) = 1/2 log(1/alpha^2 - 1), written with expm1 for small t."""
+        return 0.5 * torch.log(torch.expm1(-2.0 * self.log_mean_coeff(t)))
+
+    def time_at(self, lam: torch.Tensor) -> torch.Tensor:
+        """The SDE time t at which log(sigma / alpha) = lam: the inverse of `log_noise_scale`."""
+        # alpha^2 = 1 / (1 + s^2), so -log alpha = 1/2 log(1 + e^(2 lam)), exactly, for any lam.
+        neg_log_alpha = 0.5 * torch.logaddexp(torch.zeros_like(lam), 2.0 * lam)
+        return time_at_neg_log_mean_coeff(neg_log_alpha, self.beta_min, self.beta_max)
+
+    def scale_and_std_at(self, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha, sigma) at log(sigma / alpha) = lam, straight from lam (no round trip through t)."""
+        log_alpha = -0.5 * torch.logaddexp(torch.zeros_like(lam), 2.0 * lam)
+        return torch.exp(log_alpha), torch.exp(lam + log_alpha)
+
     def perturb(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Sample x_t given x_0 with the supplied standard-normal `noise`."""
         return per_sample(self.mean_coeff(t), x0) * x0 + per_sample(self.marginal_std(t), x0) * noise
@@ -72,6 +133,81 @@ class VPSDE:
     def probability_flow_drift(self, x: torch.Tensor, t: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
         """Drift of the probability-flow ODE, dx/dt = f - 1/2 g^2 score, which shares the SDE's marginals."""
         return self.drift(x, t) - 0.5 * per_sample(self.beta(t), x) * score
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        """The posterior mean E[x_0 | x_t] = (x - sigma eps_theta) / alpha = (x + sigma^2 score) / alpha (Tweedie)."""
+        alpha, sigma = per_sample(self.mean_coeff(t), x), per_sample(self.marginal_std(t), x)
+        return (x + sigma**2 * score) / alpha
+
+
+def time_at_neg_log_mean_coeff(c: torch.Tensor, beta_min: float, beta_max: float) -> torch.Tensor:
+    """The t >= 0 with -log alpha(t) = 1/4 t^2 (beta_max - beta_min) + 1/2 t beta_min = c >= 0.
+
+    The positive root of a t^2 + b t - c, in the form 2c / (b + sqrt(b^2 + 4ac)): the textbook
+    (-b + sqrt(b^2 + 4ac)) / 2a cancels catastrophically at small c (t ~ 1e-5), and this one also
+    covers a = 0 (constant beta), where t = c / b.
+    """
+    a = 0.25 * (beta_max - beta_min)
+    b = 0.5 * beta_min
+    return 2.0 * c / (b + torch.sqrt(b * b + 4.0 * a * c))
+
+
+@dataclass(frozen=True)
+class FlowFrame:
+    """The probability-flow ODE of `sde` in one frame: its clock tau and the velocity dx/dtau.
+
+    frame "t":      tau = t,       dx/dtau = -1/2 beta x - 1/2 beta score (the drift)
+    frame "logsnr": tau = lambda,  dx/dtau = -sigma^2 x - sigma^2 score(x, t(lambda))
+
+    For the density, `velocity` also returns the part of dx/dtau whose divergence has to be estimated, and
+    `closed_form_divergence(tau0, tau1, dims)` the integral of the rest's: in frame logsnr the linear part
+    -sigma^2 x, D [log alpha(tau1) - log alpha(tau0)]; in frame t nothing is split off (its old way, kept
+    as it was). Then log p(x at tau0) = log p(x at tau1) + integral of div(part) + closed_form_divergence.
+    Clock values tau are 0-dim tensors (torchdiffeq keeps them in float64).
+    """
+
+    sde: VPSDE
+    name: str = "logsnr"
+
+    def __post_init__(self):
+        if self.name not in FRAMES:
+            raise ValueError(f"frame must be one of {', '.join(FRAMES)}, got {self.name!r}")
+
+    def clock(self, t: float) -> float:
+        """The frame's clock at SDE time t."""
+        if self.name == "t":
+            return float(t)
+        return self.sde.log_noise_scale(torch.tensor(t, dtype=torch.float64)).item()
+
+    def time(self, tau: torch.Tensor) -> torch.Tensor:
+        """The SDE time t at clock value tau (float64)."""
+        tau = tau.to(torch.float64)
+        return tau if self.name == "t" else self.sde.time_at(tau)
+
+    def velocity(self, score: ScoreFn, x: torch.Tensor, tau: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(dx/dtau, its part whose divergence is not in closed form, the score) at clock tau.
+
+        Differentiable in x; the score model sees t of shape (B,) in x's dtype.
+        """
+        t = self.time(tau)
+        t_batch = t.to(x.dtype).expand(x.shape[0])
+        score_value = score(x, t_batch)
+        if self.name == "t":
+            drift = self.sde.probability_flow_drift(x, t_batch, score_value)
+            return drift, drift, score_value
+        sigma2 = self.sde.scale_and_std_at(tau.to(torch.float64))[1].pow(2).to(x.dtype)
+        # sigma eps_theta with eps_theta = -sigma score: one scalar factor, so a network's score_fn (which
+        # divides its noise prediction by sigma) costs no more here than its raw output would.
+        network = -sigma2 * score_value
+        return network - sigma2 * x, network, score_value
+
+    def closed_form_divergence(self, tau0: float, tau1: float, dims: int) -> float:
+        """Integral from tau0 to tau1 of the divergence of the part of dx/dtau that `velocity` splits off."""
+        if self.name == "t":
+            return 0.0
+        log_alpha = self.sde.log_mean_coeff(self.time(torch.tensor([tau0, tau1], dtype=torch.float64)))
+        return dims * (log_alpha[1] - log_alpha[0]).item()
 
 
 def gaussian_marginal(sde: VPSDE, mean: torch.Tensor, std: torch.Tensor, t: torch.Tensor):

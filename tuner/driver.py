@@ -38,7 +38,7 @@ from trials.likelihood import LikelihoodEvaluator
 from trials.trainable import rescore_checkpoint, run_trial, sample_checkpoint, time_training_steps
 from tuner import cpu_only
 from tuner.export import Export, rank_candidates, trials_table, write_outputs
-from tuner.progress import Progress
+from trials.progress import Progress
 from tuner.report import SAMPLE_SETTINGS, build_report, save_space
 from tuner.searcher import STUDY_FILE, OptunaSearcher, make_sampler, optuna_storage
 from tuner.outbox import EXIT_TRACKING_INCOMPLETE
@@ -326,7 +326,7 @@ def _rescore(candidates: list[tuple[Any, str]], evaluator: LikelihoodEvaluator, 
     if not candidates:
         return {}
     print(f"\nRe-scoring the top {len(candidates)} trials at accurate fidelity "
-          f"({space.base_config.eval.accurate.n_images} images, rtol={space.base_config.eval.accurate.rtol:g}) ...",
+          f"({space.base_config.eval.accurate.n_images} images, {space.base_config.eval.accurate.describe()}) ...",
           flush=True)
     task = ray.remote(num_cpus=space.resources.cpus_per_trial, num_gpus=gpus)(rescore_checkpoint)
     evaluator_ref = ray.put(evaluator)

@@ -50,7 +50,7 @@ import yaml
 
 from tuner.cpu_only import asha_rungs
 from tuner.export import TIE_STDERRS
-from tuner.progress import Progress
+from trials.progress import Progress
 from tuner.space import SearchSpace, SpaceError, load_space
 from tuner.tracking import trial_status
 
