@@ -1,6 +1,7 @@
 """Does bf16 training keep val bits/dim? And would a bf16 likelihood evaluator?
 
-    python bench/precision.py [--seeds 0 1 2] [--workers 2] [--accurate] [--eval-tols 1e-2 1e-3 1e-5]
+    python bench/precision.py [--seeds 0 1 2] [--workers 2] [--accurate] [--eval fast accurate dopri5:1e-5]
+                              [--eval-only]
 
 1. Training. Two configs of the CPU space (search_spaces/cpu.yaml's `fixed`: ch 12, 160 steps, EMA 0.99):
    the main job's winner and a small-learning-rate one. Each trains with train.seed 0, 1, 2 in fp32 and in
@@ -11,7 +12,8 @@
    difference with its standard error, beside the seed-to-seed spread of fp32.
 2. Evaluation. The fp32-trained winner (seed 0) is scored on the fast subset (16 images, same probes) by
    the fp32 evaluator and by the same evaluator with the network under bf16 autocast (forward and the
-   vector-Jacobian product of the divergence), at each tolerance of --eval-tols.
+   vector-Jacobian product of the divergence), with each solver of --eval: the space's fast or accurate
+   setting, or "METHOD:TOL" for an adaptive method in the logsnr frame. --eval-only trains just that model.
 
 Each run uses 1 torch thread; --workers of them run at once (2 on this 2-core machine).
 """
@@ -92,8 +94,17 @@ def train_and_score(name: str, seed: int, precision: str, accurate: bool, steps:
     return out
 
 
-def score_in(name: str, state: dict, rtol: float, precision: str) -> dict:
-    """Fast-subset bits/dim of trained weights at rtol = atol, the network in fp32 or under bf16 autocast."""
+def solver_settings(setting: str, cfg: TrialConfig) -> dict:
+    """FidelityConfig fields of an --eval setting: 'fast', 'accurate' or 'METHOD:TOL' (adaptive)."""
+    if setting in ("fast", "accurate"):
+        fid = getattr(cfg.eval, setting)
+        return {"frame": fid.frame, "method": fid.method, "steps": fid.steps, "rtol": fid.rtol, "atol": fid.atol}
+    method, tol = setting.split(":")
+    return {"method": method, "steps": 0, "rtol": float(tol), "atol": float(tol)}
+
+
+def score_in(name: str, state: dict, setting: str, precision: str) -> dict:
+    """Fast-subset bits/dim of trained weights with one solver setting, the network in fp32 or bf16 autocast."""
     torch.set_num_threads(1)
     cfg = config(name, 0, "fp32")
     data = load_data(cfg.data)
@@ -102,8 +113,9 @@ def score_in(name: str, state: dict, rtol: float, precision: str) -> dict:
     model.eval()
     sde = VPSDE(cfg.sde.beta_min, cfg.sde.beta_max, cfg.sde.T)
     score = score_fn(autocast_forward(model, "cpu", precision), sde)
-    r = evaluator_for(cfg, data, EVAL_CHECK_MAX_NFE, rtol=rtol, atol=rtol).evaluate(score, sde, cfg.sde.sampling_eps, "fast")
-    return {"rtol": rtol, "precision": precision, "bpd": r.mean, "nfe": r.nfe, "seconds": r.seconds,
+    evaluator = evaluator_for(cfg, data, EVAL_CHECK_MAX_NFE, **solver_settings(setting, cfg))
+    r = evaluator.evaluate(score, sde, cfg.sde.sampling_eps, "fast")
+    return {"setting": f"{setting} ({evaluator.cfg.fast.describe()})", "precision": precision, "bpd": r.mean, "nfe": r.nfe, "seconds": r.seconds,
             "failed": r.failed, "reason": r.reason, "per_image": r.per_image}
 
 
@@ -116,8 +128,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--accurate", action="store_true", help="also score at accurate fidelity (32 images, 1e-5)")
-    p.add_argument("--eval-tols", type=float, nargs="*", default=[1e-2, 1e-3, 1e-5])
+    p.add_argument("--accurate", action="store_true", help="also score at accurate fidelity (32 images)")
+    p.add_argument("--eval", nargs="*", default=["fast", "accurate", "dopri5:1e-5"],
+                   help="evaluator settings for the bf16 evaluator check")
+    p.add_argument("--eval-only", action="store_true", help="only the evaluator check (trains one fp32 model)")
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the space's 160)")
     args = p.parse_args()
@@ -128,6 +142,8 @@ def main() -> None:
     # fp32 and bf16 of the same (config, seed) are submitted together, so they run side by side under the
     # same machine load.
     jobs = [(n, s, prec) for n in args.configs for s in args.seeds for prec in ("fp32", "bf16")]
+    if args.eval_only:
+        args.configs, args.seeds, jobs = args.configs[:1], args.seeds[:1], [(args.configs[0], args.seeds[0], "fp32")]
     with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(train_and_score, *job, args.accurate, args.steps) for job in jobs]
         runs = {}
@@ -138,9 +154,9 @@ def main() -> None:
 
         fidelities = ("fast", "accurate") if args.accurate else ("fast",)
         base = config(args.configs[0], args.seeds[0], "fp32", args.steps)
-        for fidelity in fidelities:
+        for fidelity in fidelities if not args.eval_only else ():
             fid = base.eval.fast if fidelity == "fast" else base.eval.accurate
-            print(f"### val bits/dim at {fidelity} fidelity ({fid.n_images} images, rtol = atol = {fid.rtol:g}), "
+            print(f"### val bits/dim at {fidelity} fidelity ({fid.n_images} images, {fid.describe()}), "
                   f"after {base.train.steps} steps\n")
             print("| config | seed | fp32 bpd | bf16 bpd | bf16 - fp32 | fp32 train s | bf16 train s |")
             print("|---|---:|---:|---:|---:|---:|---:|")
@@ -164,24 +180,24 @@ def main() -> None:
             m, se = mean_stderr(every)
             print(f"| all {len(every)} pairs | {m:+.4f} ± {se:.4f} | | |\n")
 
-        if args.eval_tols:
+        if args.eval:
             name = args.configs[0]
             state = runs[(name, args.seeds[0], "fp32")]["state"]
             cfg = config(name, args.seeds[0], "fp32")
-            jobs = [(rtol, prec) for rtol in args.eval_tols for prec in ("fp32", "bf16")]
-            futures = [pool.submit(score_in, name, state, rtol, prec) for rtol, prec in jobs]
+            jobs = [(setting, prec) for setting in args.eval for prec in ("fp32", "bf16")]
+            futures = [pool.submit(score_in, name, state, setting, prec) for setting, prec in jobs]
             res = {job: fut.result() for job, fut in zip(jobs, futures)}
             print(f"### the likelihood evaluator in bf16: the fp32-trained {name} (seed {args.seeds[0]}), "
                   f"{cfg.eval.fast.n_images} images, same noise and probes\n")
-            print("| rtol = atol | fp32 bpd | bf16 bpd | bf16 - fp32 | max per-image abs diff | fp32 NFE | bf16 NFE | fp32 s | bf16 s |")
+            print("| solver | fp32 bpd | bf16 bpd | bf16 - fp32 | max per-image abs diff | fp32 NFE | bf16 NFE | fp32 s | bf16 s |")
             print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-            for rtol in args.eval_tols:
-                a, b = res[(rtol, "fp32")], res[(rtol, "bf16")]
+            for setting in args.eval:
+                a, b = res[(setting, "fp32")], res[(setting, "bf16")]
                 if a["failed"] or b["failed"]:
-                    print(f"| {rtol:g} | {a['bpd']:.4f} | {b['bpd']:.4f} | failed: {a['reason'] or b['reason']} | | {a['nfe']} | {b['nfe']} | | |")
+                    print(f"| {a['setting']} | {a['bpd']:.4f} | {b['bpd']:.4f} | failed: {a['reason'] or b['reason']} | | {a['nfe']} | {b['nfe']} | | |")
                     continue
                 worst = max(abs(x - y) for x, y in zip(a["per_image"], b["per_image"]))
-                print(f"| {rtol:g} | {a['bpd']:.4f} | {b['bpd']:.4f} | {b['bpd'] - a['bpd']:+.4f} | {worst:.4f} | "
+                print(f"| {a['setting']} | {a['bpd']:.4f} | {b['bpd']:.4f} | {b['bpd'] - a['bpd']:+.4f} | {worst:.4f} | "
                       f"{a['nfe']} | {b['nfe']} | {a['seconds']:.1f} | {b['seconds']:.1f} |")
     print(f"\nwall time {time.perf_counter() - wall:.0f} s; load average at the end "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
