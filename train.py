@@ -1,7 +1,7 @@
 """Train a tuned config to its full length: `python train.py --config runs/<name>/best_config.yaml`.
 
 Thin wiring: parse the command line, run `trials.full_run` (prepare, train, finish), log the result to
-MLflow with `tuner.full_run_tracking`. User errors are one line and exit status 2; Ctrl-C saves a
+MLflow with `tuner.mlflow_runs`. User errors are one line and exit status 2; Ctrl-C saves a
 checkpoint and exits 130, and the same command continues the run; exit status 3 says the run is complete on disk
 but some MLflow records wait in <out>/mlflow_outbox.jsonl (`python -m tuner.sync <out>` sends them). See
 README.md, "Full run".
@@ -15,10 +15,9 @@ import signal
 import sys
 from pathlib import Path
 
-from trials.cli import OneLineArgumentParser, positive_int
+from trials.cli import EXIT_BAD_INPUT, EXIT_INTERRUPTED, OneLineArgumentParser, UserError, positive_int
 
 PROG = "train.py"
-EXIT_INTERRUPTED = 130
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,7 +61,7 @@ class StopOnSignal:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
-    def fail(message: str, status: int = 2) -> int:
+    def fail(message: str, status: int = EXIT_BAD_INPUT) -> int:
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return status
 
@@ -70,36 +69,35 @@ def main(argv: list[str] | None = None) -> int:
         print(line, flush=True)
 
     # The config is checked before torch is imported, so a typo answers at once.
-    from trials.config import ConfigError, load_config_file
+    from trials.config import load_config_file
 
     try:
         cfg, provenance = load_config_file(args.config)
-    except ConfigError as exc:
+    except UserError as exc:
         return fail(str(exc))
 
     from trials import full_run
-    from trials.data import DataError
 
     out_dir = args.out if args.out is not None else args.config.parent / "full_run"
     try:
         cfg = full_run.with_overrides(cfg, steps=args.steps, data=args.data, data_root=args.data_root,
                                       download=args.download)
         plan = full_run.prepare(cfg, provenance, args.config, out_dir, test_images=args.test_images)
-    except (ConfigError, DataError, full_run.ResumeError) as exc:
+    except UserError as exc:
         return fail(str(exc))
 
     for line in full_run.describe(plan):
         log(line)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        config_copy = full_run.write_config(plan)
+        full_run.write_config(plan)
     except OSError as exc:
         return fail(f"--out {out_dir}: cannot write there ({exc.strerror or exc})")
 
     stop = StopOnSignal()
     previous = stop.install()
     try:
-        outcome = full_run.train(plan, checkpoint_every=args.checkpoint_every, stop_requested=lambda: stop.requested,
+        outcome = full_run.run_training(plan, checkpoint_every=args.checkpoint_every, stop_requested=lambda: stop.requested,
                                  log=log)
     except KeyboardInterrupt:
         return fail(f"interrupted without saving; the last checkpoint is {plan.checkpoint_path} "
@@ -122,18 +120,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.no_mlflow:
         return 0
-    from tuner.full_run_tracking import log_full_run, resolve_tracking_uri
+    from tuner.mlflow_runs import full_run_tracking_uri, log_full_run
     from tuner.outbox import EXIT_TRACKING_INCOMPLETE
 
-    uri = resolve_tracking_uri(args.mlflow_uri, os.environ.get("MLFLOW_TRACKING_URI"), plan.provenance, plan.out_dir)
-    artifacts = [plan.out_dir / full_run.METRICS_FILE, config_copy]
-    artifacts += [plan.out_dir / s["file"] for s in metrics["samples"].values() if s.get("file")]
-    origin = "/".join(str(provenance[k]) for k in ("experiment", "trial_id") if provenance.get(k))
-    logged = log_full_run(uri, run_name=f"full-run {origin}".strip(), params=plan.cfg.flat(),
-                          metrics=full_run.summary_metrics(metrics), history=metrics["history"],
-                          tags={"test_split": plan.test_split, "out_dir": str(plan.out_dir.resolve()),
-                                "config_file": str(args.config), "precision": plan.trainer.precision},
-                          provenance=plan.provenance, artifacts=artifacts, out_dir=plan.out_dir)
+    uri = full_run_tracking_uri(args.mlflow_uri, os.environ.get("MLFLOW_TRACKING_URI"), plan.provenance, plan.out_dir)
+    logged = log_full_run(uri, config_file=args.config, out_dir=plan.out_dir, params=plan.cfg.flat(), metrics=metrics,
+                          provenance=plan.provenance, artifacts=full_run.output_files(plan, metrics))
     if not logged.complete:  # a store that is down or refuses: the results are safe on disk, say so
         outbox = logged.outbox
         print(f"{PROG}: the run is complete in {plan.out_dir}, but MLflow ({uri}) has not got everything: "

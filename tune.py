@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from trials.cli import OneLineArgumentParser, positive_float, positive_int
+from trials.cli import EXIT_BAD_INPUT, OneLineArgumentParser, UserError, positive_float, positive_int
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,17 +38,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Imported after parsing so that --help and bad flags answer instantly.
-    from trials.config import ConfigError
-    from trials.data import DataError
-    from tuner.driver import TuneOptions, UsageError, run
-    from tuner.space import SpaceError
+    from tuner.driver import TuneOptions, run
 
     options = TuneOptions(**{k: v for k, v in vars(args).items()})
     try:
         return run(options)
-    except (SpaceError, ConfigError, DataError, UsageError) as exc:
+    except UserError as exc:
         print(f"tune.py: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

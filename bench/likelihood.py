@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -45,15 +44,15 @@ from trials.config import EvalConfig, FidelityConfig, TrialConfig
 from trials.data import load_data
 from trials.likelihood import LikelihoodEvaluator, ScoreFn, bits_per_dim, log_likelihood
 from trials.model import UNet, count_parameters, score_fn
-from trials.sde import VPSDE
-from trials.train import Trainer
+from trials.sde import SDE, make_sde
+from trials.trainer import Trainer
 
 SMALL_MODEL = {"ch": 16, "ch_mult": [1, 2, 2], "num_res_blocks": 1}
 TARGET_ERROR = 0.005  # bits/dim from the reference: what "equal error" means in the table
 
 
 # ---- the baseline: score_sde_pytorch's likelihood computation, transcribed ------------------------------
-def published_log_likelihood(score: ScoreFn, sde: VPSDE, x: torch.Tensor, eps: float, probes: torch.Tensor,
+def published_log_likelihood(score: ScoreFn, sde: SDE, x: torch.Tensor, eps: float, probes: torch.Tensor,
                              rtol: float, atol: float) -> tuple[torch.Tensor, int]:
     """log p(x) by scipy RK45 on the flattened state [x, delta_logp], as the published reference does.
 
@@ -158,7 +157,7 @@ def settings(images: int) -> list[Setting]:
     ]
 
 
-def score_setting(setting: Setting, score: ScoreFn, sde: VPSDE, x: torch.Tensor, probes: torch.Tensor,
+def score_setting(setting: Setting, score: ScoreFn, sde: SDE, x: torch.Tensor, probes: torch.Tensor,
                   eps: float, centered: bool) -> tuple[np.ndarray, int, float]:
     """Per-image bits/dim, NFE and seconds of one setting: the evaluator itself, or the published code."""
     dims = x[0].numel()
@@ -194,7 +193,7 @@ def main() -> None:
 
     data = load_data(TrialConfig().data)
     cfg, snapshots = trained_snapshots(args.steps, data, args.cache)
-    sde = VPSDE(cfg.sde.beta_min, cfg.sde.beta_max, cfg.sde.T)
+    sde = make_sde(cfg.sde)
     centered = cfg.data.centered
     eps = args.eps
     template = LikelihoodEvaluator.build(data.val, EvalConfig(batch_size=args.images,

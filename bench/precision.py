@@ -39,8 +39,8 @@ from trials.data import load_data
 from trials.likelihood import LikelihoodEvaluator
 from trials.model import UNet, count_parameters, score_fn
 from trials.precision import autocast_forward
-from trials.sde import VPSDE
-from trials.train import Trainer
+from trials.sde import make_sde
+from trials.trainer import Trainer
 
 SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "cpu.yaml"
 CONFIGS = {
@@ -111,7 +111,7 @@ def score_in(name: str, state: dict, setting: str, precision: str) -> dict:
     model = UNet(cfg.model)
     model.load_state_dict(state)
     model.eval()
-    sde = VPSDE(cfg.sde.beta_min, cfg.sde.beta_max, cfg.sde.T)
+    sde = make_sde(cfg.sde)
     score = score_fn(autocast_forward(model, "cpu", precision), sde)
     evaluator = evaluator_for(cfg, data, EVAL_CHECK_MAX_NFE, **solver_settings(setting, cfg))
     r = evaluator.evaluate(score, sde, cfg.sde.sampling_eps, "fast")

@@ -84,7 +84,7 @@ def train_one(args: tuple[dict, str]) -> dict:
 
     import torch
 
-    from trials.train import Trainer
+    from trials.trainer import Trainer
 
     point, weights = args
     space, data = _worker["space"], _worker["data"]
@@ -119,8 +119,8 @@ def score_one(args: tuple[dict, str, list[float]]) -> list[dict]:
     import torch
 
     from trials.model import score_fn
-    from trials.sde import VPSDE
-    from trials.train import eval_model_from_checkpoint
+    from trials.sde import make_sde
+    from trials.trainer import eval_model_from_checkpoint
 
     point, weights, eps_grid = args
     evaluator = _worker["evaluator"]
@@ -135,7 +135,7 @@ def score_one(args: tuple[dict, str, list[float]]) -> list[dict]:
                       "eval_seconds": 0.0, "diverged": True} for eps in eps_grid]
             continue
         cfg, model = eval_model_from_checkpoint(torch.load(folder / f"step{rung['step']}.pt", weights_only=True))
-        sde = VPSDE(cfg.sde.beta_min, cfg.sde.beta_max, cfg.sde.T)
+        sde = make_sde(cfg.sde)
         for eps in eps_grid:
             r = evaluator.evaluate(score_fn(model, sde), sde, eps, "fast")
             rows.append({**common, "sampling_eps": eps, "val_bpd": r.mean, "val_bpd_stderr": r.stderr,

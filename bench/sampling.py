@@ -27,8 +27,8 @@ from trials.config import TrialConfig
 from trials.data import load_data
 from trials.model import count_parameters, score_fn
 from trials.sampling import ode_sample, pc_sample
-from trials.sde import VPSDE
-from trials.train import Trainer
+from trials.sde import make_sde
+from trials.trainer import Trainer
 
 MODELS = {
     "small (ch 16, 1 res block)": {"ch": 16, "ch_mult": [1, 2, 2], "num_res_blocks": 1},
@@ -74,7 +74,7 @@ def main() -> None:
     for name, model_cfg in MODELS.items():
         (cfg, model), train_seconds = timed(lambda: briefly_trained(model_cfg, args.train_steps, data))
         sde_cfg = cfg.sde
-        sde = VPSDE(sde_cfg.beta_min, sde_cfg.beta_max, sde_cfg.T)
+        sde = make_sde(sde_cfg)
         score = score_fn(model, sde)
         shape = (args.batch, 1, 28, 28)
         label = f"{name}, {count_parameters(model) / 1e6:.2f}M params"

@@ -26,7 +26,7 @@ from trials.config import TrialConfig
 from trials.data import load_data
 from trials.model import count_parameters
 from trials.precision import resolve_precision
-from trials.train import Trainer
+from trials.trainer import Trainer
 
 MODELS = {
     "small": ("small CPU (ch 16, [1,2,2], 1 block)",

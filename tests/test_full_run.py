@@ -21,7 +21,7 @@ from PIL import Image
 
 from trials import full_run
 from trials.config import TrialConfig, load_config_file
-from trials.train import Trainer, load_checkpoint
+from trials.trainer import Trainer, load_checkpoint
 from tuner.export import write_outputs
 from tuner.space import parse_space
 
@@ -183,16 +183,16 @@ def plan(cfg: TrialConfig, out: Path) -> full_run.FullRunPlan:
 def test_steps_k_then_steps_n_equals_an_uninterrupted_run(mnist5k, tmp_path):
     lines = []
     straight = plan(tiny(steps=20), tmp_path / "straight")
-    full_run.train(straight, checkpoint_every=100, log=lines.append)
+    full_run.run_training(straight, checkpoint_every=100, log=lines.append)
 
     short = plan(tiny(steps=10), tmp_path / "split")
     assert short.resume is None
-    first = full_run.train(short, checkpoint_every=100, log=lines.append)
+    first = full_run.run_training(short, checkpoint_every=100, log=lines.append)
     assert first.completed and first.step == 10
 
     longer = plan(tiny(steps=20), tmp_path / "split")
     assert longer.resume is not None and longer.resume["step"] == 10
-    outcome = full_run.train(longer, checkpoint_every=100, log=lines.append)
+    outcome = full_run.run_training(longer, checkpoint_every=100, log=lines.append)
     assert outcome.completed and outcome.resumed_from == 10 and outcome.step == 20
     assert f"Resumed from {tmp_path / 'split' / 'checkpoint.pt'} at step 10" in lines
     assert [r["step"] for r in outcome.history] == [5, 10, 15, 20]
@@ -202,7 +202,7 @@ def test_steps_k_then_steps_n_equals_an_uninterrupted_run(mnist5k, tmp_path):
 
 def test_a_stop_request_is_honoured_at_the_next_logged_step(mnist5k, tmp_path):
     run = plan(tiny(steps=20), tmp_path)
-    stopped = full_run.train(run, checkpoint_every=100, stop_requested=lambda: run.trainer.step >= 7, log=lambda _: None)
+    stopped = full_run.run_training(run, checkpoint_every=100, stop_requested=lambda: run.trainer.step >= 7, log=lambda _: None)
     # log_every = 5: the request made after step 7 is seen at step 10, where the trainer's state is whole.
     assert not stopped.completed and stopped.step == 10
     saved = load_checkpoint(tmp_path / "checkpoint.pt")
@@ -213,7 +213,7 @@ def test_the_test_score_and_both_samplers_report_progress_with_the_time_left(mni
     monkeypatch.setattr(full_run, "PROGRESS_EVERY_S", 0.0)  # a line at every step: the run is seconds long
     cfg = TrialConfig.from_dict({**tiny(steps=5).to_dict(), "eval": {**FIXED["eval"], "batch_size": 4}})
     run = plan(cfg, tmp_path)
-    outcome = full_run.train(run, checkpoint_every=100, log=lambda _: None)
+    outcome = full_run.run_training(run, checkpoint_every=100, log=lambda _: None)
     lines = []
     metrics = full_run.finish(run, outcome, log=lines.append)
     # 8 test images in chunks of 4: one line after the first chunk, then the result.

@@ -28,4 +28,4 @@ def test_trial_side_imports_ray_only_in_its_adapter_and_mlflow_nowhere():
 def test_driver_side_never_builds_a_model():
     for path in sorted((ROOT / "tuner").glob("*.py")):
         modules = imported_modules(path)
-        assert not {"trials.model", "trials.train", "torch"} & modules, path.name
+        assert not {"trials.model", "trials.trainer", "torch"} & modules, path.name

@@ -244,7 +244,7 @@ def test_a_search_whose_store_was_never_up_is_backfilled_as_if_it_had_been(tmp_p
     monkeypatch.setattr(outbox_module, "RETRY_PAUSES_S", ())
     experiment_dir = tmp_path / "runs" / "tiny"
     store.down = True
-    tracker = ExperimentTracker(URI_LABEL, experiment_dir, "tiny", tmp_path / "runs")
+    tracker = ExperimentTracker(URI_LABEL, experiment_dir, "tiny")
     tracker.log_experiment({"search.num_samples": 2}, {"space_sha256": "0" * 64})
     refs = {tid: tracker.child_run(tid, f"run_trial_{tid}", {"train.lr": 0.001}) for tid in ("aaa", "bbb")}
     assert all(ref.startswith("vpsde:") for ref in refs.values())  # keys: the store has not created them

@@ -6,7 +6,7 @@ import torch
 from tests.conftest import tiny_config
 from trials.config import ConfigError, TrialConfig
 from trials.precision import auto_precision, resolve_precision
-from trials.train import Trainer, load_checkpoint
+from trials.trainer import Trainer, load_checkpoint
 
 
 @pytest.mark.parametrize(

@@ -32,8 +32,8 @@ from trials.odesolve import ODEFailure
 from trials.sampling import (
     langevin_correct, main, ode_sample, pc_sample, save_grid, to_image_range,
 )
-from trials.sde import VPSDE, gaussian_marginal, gaussian_score
-from trials.train import Trainer
+from trials.sde import SubVPSDE, VPSDE, gaussian_marginal, gaussian_score
+from trials.trainer import Trainer
 
 SDE = VPSDE()
 EPS = 1e-3
@@ -339,7 +339,7 @@ def test_save_grid_writes_a_png_of_the_grid_size(tmp_path):
 # ---- command line --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """A real trials.train checkpoint (EMA included) of a tiny UNet trained for two steps on random digits."""
+    """A real trials.trainer checkpoint (EMA included) of a tiny UNet trained for two steps on random digits."""
     cfg = TrialConfig.from_dict(TINY_CONFIG)
     gen = torch.Generator().manual_seed(0)
 
@@ -377,7 +377,7 @@ def one_line_error(capsys) -> str:
 
 @pytest.mark.parametrize("make_bad, expected", [
     (lambda d: d / "missing.pt", "checkpoint not found"),
-    (lambda d: (d / "notes.txt").write_text("hello") and d / "notes.txt", "not a trials.train checkpoint"),
+    (lambda d: (d / "notes.txt").write_text("hello") and d / "notes.txt", "not a trials.trainer checkpoint"),
 ])
 def test_cli_rejects_a_bad_checkpoint_in_one_line(tmp_path, capsys, make_bad, expected):
     code = main(["--checkpoint", str(make_bad(tmp_path)), "--out", str(tmp_path / "g.png")])
@@ -399,3 +399,16 @@ def test_cli_as_a_module_exits_2_without_a_traceback(tmp_path):
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "checkpoint not found" in proc.stderr
+
+
+@pytest.mark.parametrize("frame", ["logsnr", "t"])
+def test_the_ode_sampler_maps_the_prior_exactly_under_the_sub_vp_sde(frame):
+    # The samplers are typed against trials.sde.SDE: a second SDE's exact flow map comes out unchanged.
+    sde = SubVPSDE(0.1, 20.0, 1.0)
+    shape = (64, 1, 4, 4)
+    x, _ = ode_sample(gaussian_score(sde, MEAN, STD), sde, shape, eps=EPS, rtol=1e-6, atol=1e-6, frame=frame,
+                      denoise=False, generator=torch.Generator().manual_seed(3))
+    x_T = sde.prior_sample(shape, generator=torch.Generator().manual_seed(3))
+    mean_eps, std_eps = gaussian_marginal(sde, MEAN, STD, torch.tensor([EPS]))
+    mean_T, std_T = gaussian_marginal(sde, MEAN, STD, torch.tensor([sde.T]))
+    torch.testing.assert_close(x, mean_eps + std_eps / std_T * (x_T - mean_T), rtol=0, atol=1e-4)

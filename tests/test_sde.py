@@ -5,7 +5,11 @@ import math
 import pytest
 import torch
 
-from trials.sde import FlowFrame, VPSDE, gaussian_logp, gaussian_marginal, gaussian_score, time_at_neg_log_mean_coeff
+from trials.config import SDE_KINDS
+from trials.sde import (
+    SDES, FlowFrame, SubVPSDE, VPSDE, gaussian_logp, gaussian_marginal, gaussian_score, make_sde,
+    time_at_neg_log_mean_coeff,
+)
 
 SDE = VPSDE(beta_min=0.1, beta_max=20.0, T=1.0)
 TIMES = torch.tensor([1e-5, 1e-3, 0.1, 0.5, 0.9, 1.0], dtype=torch.float64)
@@ -173,3 +177,53 @@ def test_denoise_is_the_posterior_mean_for_gaussian_data():
     alpha, sigma = SDE.mean_coeff(t)[:, None], SDE.marginal_std(t)[:, None]
     expected = mean + alpha * std**2 * (x - alpha * mean) / (alpha**2 * std**2 + sigma**2)
     torch.testing.assert_close(SDE.denoise(x, t, gaussian_score(SDE, mean, std)(x, t)), expected)
+
+
+# ---- the SDE interface: a second SDE (sub-VP) comes from the SDE module and the config alone ----------------
+SDES_UNDER_TEST = [VPSDE(0.1, 20.0, 1.0), SubVPSDE(0.1, 20.0, 1.0), SubVPSDE(0.1, 4.0, 1.0)]
+SDE_IDS = ["vp", "subvp", "subvp-short"]
+
+
+@pytest.mark.parametrize("sde", SDES_UNDER_TEST, ids=SDE_IDS)
+def test_the_diffusion_matches_the_marginals(sde):
+    # For kernels N(alpha x0, sigma^2) and drift f x, the SDE's own g^2 must equal d sigma^2/dt - 2 f sigma^2;
+    # every derived formula (reverse drift, probability flow, the logsnr frame) relies on it.
+    t = torch.tensor([1e-3, 0.05, 0.3, 0.7, 0.95], dtype=torch.float64)
+    h = 1e-6
+    dvar = (sde.marginal_std(t + h) ** 2 - sde.marginal_std(t - h) ** 2) / (2 * h)
+    expected = dvar - 2 * sde.drift_coeff(t) * sde.marginal_std(t) ** 2
+    torch.testing.assert_close(sde.diffusion(t) ** 2, expected, rtol=1e-6, atol=1e-9)
+    dlog_alpha = (sde.log_mean_coeff(t + h) - sde.log_mean_coeff(t - h)) / (2 * h)
+    torch.testing.assert_close(sde.drift_coeff(t), dlog_alpha, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("sde", SDES_UNDER_TEST, ids=SDE_IDS)
+def test_lambda_clock_inverse_and_slope(sde):
+    times = torch.tensor([1e-7, 1e-5, 1e-3, 0.1, 0.5, 1.0], dtype=torch.float64)
+    lam = sde.log_noise_scale(times)
+    torch.testing.assert_close(lam, torch.log(sde.marginal_std(times) / sde.mean_coeff(times)), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(sde.time_at(lam), times, rtol=1e-9, atol=0)
+    alpha, sigma = sde.scale_and_std_at(lam)
+    torch.testing.assert_close(alpha, sde.mean_coeff(times), rtol=1e-10, atol=0)
+    torch.testing.assert_close(sigma, sde.marginal_std(times), rtol=1e-8, atol=0)
+    h = 1e-6
+    slope = (torch.log(sde.scale_and_std_at(lam + h)[0]) - torch.log(sde.scale_and_std_at(lam - h)[0])) / (2 * h)
+    torch.testing.assert_close(sde.dlog_alpha_dlambda(lam), slope, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("sde", SDES_UNDER_TEST, ids=SDE_IDS)
+def test_logsnr_velocity_is_the_probability_flow_drift_times_dt_dlambda_for_any_sde(sde):
+    x, score_value = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    lam = torch.tensor(-0.7, dtype=torch.float64)
+    t, h = sde.time_at(lam), 1e-6
+    dt_dlam = (sde.time_at(lam + h) - sde.time_at(lam - h)) / (2 * h)
+    velocity, _, _ = FlowFrame(sde, "logsnr").velocity(lambda xx, tt: score_value, x, lam)
+    drift = sde.probability_flow_drift(x, t.expand(3), score_value)
+    torch.testing.assert_close(velocity, drift * dt_dlam, rtol=1e-6, atol=1e-9)
+
+
+def test_make_sde_builds_the_configured_kind():
+    from trials.config import SDEConfig
+    assert make_sde(SDEConfig()) == VPSDE(0.1, 20.0, 1.0)
+    assert make_sde(SDEConfig(kind="subvp", beta_max=4.0)) == SubVPSDE(0.1, 4.0, 1.0)
+    assert set(SDES) == set(SDE_KINDS)

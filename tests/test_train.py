@@ -7,7 +7,7 @@ import torch
 
 from tests.conftest import tiny_config
 from trials.sde import VPSDE, gaussian_score
-from trials.train import Trainer, dsm_loss, eval_model_from_checkpoint, load_checkpoint
+from trials.trainer import Trainer, dsm_loss, eval_model_from_checkpoint, load_checkpoint
 
 SDE = VPSDE()
 

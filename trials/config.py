@@ -17,17 +17,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from trials.cli import UserError
+
 IMAGE_SIZE = 28  # MNIST
 
 # How the probability-flow ODE is integrated (trials.sde, trials.odesolve). "logsnr": in lambda =
 # log(sigma / alpha) on the scaled state x / alpha, where trajectories are nearly straight; "t": in the
 # SDE's own time on x, as before (kept to reproduce and compare older scores: it is the same density).
 FRAMES = ("logsnr", "t")
+SDE_KINDS = ("vp", "subvp")  # trials.sde.SDES: variance preserving, sub-VP
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "adaptive_heun", "fehlberg2")
 FIXED_STEP_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value is wrong; the message is one line that names the field."""
 
 
@@ -81,12 +84,14 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class SDEConfig:
+    kind: str = "vp"  # one of SDE_KINDS (trials.sde.SDES)
     beta_min: float = 0.1
     beta_max: float = 20.0
     T: float = 1.0
     sampling_eps: float = 1e-3  # where sampling stops and the likelihood ODE starts (tuned per trial)
 
     def check(self, path: str) -> None:
+        _require(self.kind in SDE_KINDS, f"{path}.kind", f"must be one of {', '.join(SDE_KINDS)}, got {self.kind!r}")
         _require(self.beta_min > 0, f"{path}.beta_min", f"must be > 0, got {self.beta_min}")
         _require(self.beta_max > self.beta_min, f"{path}.beta_max",
                  f"must be > beta_min ({self.beta_min}), got {self.beta_max}")
@@ -241,7 +246,7 @@ class TrialConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """A plain nested dict (lists, not tuples) that `from_dict` turns back into this config."""
-        return _plain(dataclasses.asdict(self))
+        return _lists_not_tuples(dataclasses.asdict(self))
 
     def flat(self) -> dict[str, Any]:
         """{'train.lr': ..., 'model.ch_mult': [1, 2, 2], ...}: for logging params and for tables."""
@@ -339,11 +344,11 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     raise TypeError(f"{path}: unsupported config type {tp}")  # a bug in this module, not user input
 
 
-def _plain(value: Any) -> Any:
+def _lists_not_tuples(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: _lists_not_tuples(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [_lists_not_tuples(v) for v in value]
     return value
 
 

@@ -20,13 +20,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from trials.cli import UserError
 from trials.config import DataConfig
 
 MNIST_5K_VAL = 500
 MNIST_VAL = 5_000
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """The data source cannot be read; the message says what to do about it."""
 
 

@@ -1,16 +1,17 @@
 """The full run: train the tuner's best config to its full length, then measure it on held-out images.
 
 `python train.py --config runs/<name>/best_config.yaml` is this module wired to a command line and to MLflow
-(tuner/full_run_tracking.py); here is only PyTorch and files. Three steps, each a function:
+(tuner/mlflow_runs.py logs what `finish` wrote); here is only PyTorch and files. Three steps, each a function:
 
-  prepare    the config with its command-line overrides, the data, the test-set evaluator and the trainer,
-             and whether <out>/checkpoint.pt continues this run. It writes nothing, so a bad config, a
-             missing data folder or a checkpoint of another config fails before any file appears.
-  train      trains to train.steps with an atomic checkpoint every `checkpoint_every` steps and at the end,
-             printing a progress line at every logged step. A stop request (Ctrl-C) is honoured at the next
-             logged step, where the trainer's state is consistent, and leaves a checkpoint there; the next
-             `prepare` finds it and training continues with the same step, weights, EMA, optimiser and RNG.
-  finish     test bits/dim at accurate fidelity, PC and ODE sample grids, and metrics.json.
+  prepare       the config with its command-line overrides, the data, the test-set evaluator and the trainer,
+                and whether <out>/checkpoint.pt continues this run. It writes nothing, so a bad config, a
+                missing data folder or a checkpoint of another config fails before any file appears.
+  run_training  trains to train.steps with an atomic checkpoint every `checkpoint_every` steps and at the
+                end, printing a progress line at every logged step. A stop request (Ctrl-C) is honoured at
+                the next logged step, where the trainer's state is consistent, and leaves a checkpoint there;
+                the next `prepare` finds it and training continues with the same step, weights, EMA,
+                optimiser and RNG.
+  finish        test bits/dim at accurate fidelity, PC and ODE sample grids, and metrics.json.
 
 Outputs in the run folder: checkpoint.pt, config.yaml (the config used, with the tuner's provenance),
 metrics.json, samples_pc.png, samples_ode.png.
@@ -30,13 +31,15 @@ from typing import Any, Callable
 import torch
 import yaml
 
+from trials.cli import UserError, first_line
 from trials.config import IMAGE_SIZE, ConfigError, EvalConfig, TrialConfig
 from trials.data import MnistData, load_data
 from trials.likelihood import LikelihoodEvaluator
+from trials.files import atomic_write_text
 from trials.odesolve import ODEFailure
 from trials.progress import Progress, ScoreProgress
 from trials.sampling import ode_sample, pc_sample, save_grid
-from trials.train import Trainer, load_checkpoint, resolve_device
+from trials.trainer import Trainer, load_checkpoint, resolve_device
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CONFIG_FILE = "config.yaml"
@@ -52,7 +55,7 @@ Log = Callable[[str], None]
 PROGRESS_EVERY_S = 10.0  # sampling progress lines, at most this often
 
 
-class ResumeError(ValueError):
+class ResumeError(UserError, ValueError):
     """An existing checkpoint cannot continue this run; the message is one line saying what to do."""
 
 
@@ -121,8 +124,7 @@ def read_resume_state(path: Path, cfg: TrialConfig) -> dict[str, Any] | None:
     except ConfigError as exc:
         raise ResumeError(f"{path}: the checkpoint's config is not valid here ({exc}); {fix}") from None
     except Exception as exc:  # unpickling or a missing key: either way not a checkpoint this code wrote
-        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise ResumeError(f"{path}: not a readable full-run checkpoint ({detail}); {fix}") from None
+        raise ResumeError(f"{path}: not a readable full-run checkpoint ({first_line(exc)}); {fix}") from None
     diffs = config_differences(saved, cfg)
     if diffs:
         more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
@@ -182,7 +184,7 @@ def write_config(plan: FullRunPlan) -> Path:
         tree["provenance"] = plan.provenance
     header = f"# Config of the full run in this folder (from {plan.config_path}).\n"
     path = plan.out_dir / CONFIG_FILE
-    _atomic_write_text(path, header + yaml.safe_dump(tree, sort_keys=False))
+    atomic_write_text(path, header + yaml.safe_dump(tree, sort_keys=False))
     return path
 
 
@@ -196,7 +198,7 @@ class TrainOutcome:
     resumed_from: int | None = None  # the step this session started at, when it continued a checkpoint
 
 
-def train(plan: FullRunPlan, *, checkpoint_every: int, stop_requested: Callable[[], bool] = lambda: False,
+def run_training(plan: FullRunPlan, *, checkpoint_every: int, stop_requested: Callable[[], bool] = lambda: False,
           log: Log = print) -> TrainOutcome:
     """Train to cfg.train.steps, resuming from plan.resume; raises TrainingDiverged on a NaN/inf loss.
 
@@ -294,7 +296,7 @@ def finish(plan: FullRunPlan, outcome: TrainOutcome, log: Log = print) -> dict[s
         "history": outcome.history,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    _atomic_write_text(plan.out_dir / METRICS_FILE, json.dumps(_json_safe(metrics), indent=2) + "\n")
+    atomic_write_text(plan.out_dir / METRICS_FILE, json.dumps(_json_safe(metrics), indent=2) + "\n")
     return metrics
 
 
@@ -341,18 +343,10 @@ def sample_ode(trainer: Trainer, score, path: Path, log: Log = print) -> dict[st
             "reason": None}
 
 
-def summary_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """The headline numbers of metrics.json under flat names, for MLflow; missing or non-finite ones left out."""
-    bpd, tr, pc, ode = metrics["test_bpd"], metrics["train"], metrics["samples"]["pc"], metrics["samples"]["ode"]
-    values = {
-        "test_bpd": bpd["mean"], "test_bpd_stderr": bpd["stderr"], "test_bpd_nfe": bpd["nfe"],
-        "test_bpd_seconds": bpd["seconds"], "test_bpd_images": bpd["fidelity"]["n_images"],
-        "train_loss": tr["final_train_loss"], "val_dsm": tr["val_dsm"], "steps": tr["steps"],
-        "train_seconds": tr["seconds"], "pc_nfe": pc["nfe"], "pc_seconds": pc["seconds"],
-        "ode_nfe": ode["nfe"], "ode_seconds": ode["seconds"],
-    }
-    return {k: float(v) for k, v in values.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+def output_files(plan: FullRunPlan, metrics: dict[str, Any]) -> list[Path]:
+    """The files a finished run leaves for the record: metrics.json, config.yaml and the sample grids drawn."""
+    files = [plan.out_dir / METRICS_FILE, plan.out_dir / CONFIG_FILE]
+    return files + [plan.out_dir / s["file"] for s in metrics["samples"].values() if s.get("file")]
 
 
 def _json_safe(value: Any) -> Any:
@@ -364,9 +358,3 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

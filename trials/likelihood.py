@@ -44,7 +44,7 @@ import torch
 from trials.config import ConfigError, EvalConfig, FidelityConfig
 from trials.data import to_model_space
 from trials.odesolve import ODEFailure, solve
-from trials.sde import VPSDE, FlowFrame, ScoreFn
+from trials.sde import SDE, FlowFrame, ScoreFn
 
 
 # The uniform density on the data range scores exactly this many bits/dim in either scaling; a model
@@ -148,7 +148,7 @@ class _AugmentedDynamics:
         return trace
 
 
-def log_likelihood(score: ScoreFn, sde: VPSDE, x: torch.Tensor, eps: float, *,
+def log_likelihood(score: ScoreFn, sde: SDE, x: torch.Tensor, eps: float, *,
                    probes: torch.Tensor | None = None, rtol: float = 1e-5, atol: float = 1e-5,
                    method: str = "dopri5", frame: str = "logsnr", steps: int = 0,
                    max_nfe: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -267,7 +267,7 @@ class LikelihoodEvaluator:
             return self.cfg.accurate
         raise ValueError(f"fidelity must be 'fast' or 'accurate', got {fidelity!r}")
 
-    def evaluate(self, score: ScoreFn, sde: VPSDE, eps: float, fidelity: str = "fast",
+    def evaluate(self, score: ScoreFn, sde: SDE, eps: float, fidelity: str = "fast",
                  device: torch.device | str | None = None,
                  progress: Callable[[int, int], None] | None = None) -> BPDResult:
         """Bits/dim of `score` (a model in eval mode) on the fixed images; never raises for a bad model.

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trials.config import ModelConfig
-from trials.sde import VPSDE, per_sample
+from trials.sde import SDE, per_sample
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -151,7 +151,7 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-def score_fn(model: nn.Module, sde: VPSDE) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def score_fn(model: nn.Module, sde: SDE) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The score grad log p_t(x) of a noise-predicting model: -eps(x, t) / sigma(t), per sample."""
 
     def score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from typing import Protocol
 import torch
 from torchdiffeq import odeint
 
+from trials.cli import first_line
 from trials.config import ADAPTIVE_METHODS, FIXED_STEP_METHODS
 
 
@@ -62,7 +63,7 @@ def solve(field: CountingField, state0, tau0: float, tau1: float, *, method: str
     try:
         solution = odeint(field, state0, times, rtol=rtol, atol=atol, method=method, options=options)
     except AssertionError as exc:  # torchdiffeq's way of failing: "underflow in dt", "non-finite values"
-        raise ODEFailure(f"ODE solver failed after {field.nfe} evaluations: {str(exc).splitlines()[0][:200]}",
+        raise ODEFailure(f"ODE solver failed after {field.nfe} evaluations: {first_line(exc)}",
                          field.nfe) from None
     if isinstance(solution, tuple):
         return tuple(s[-1] for s in solution)

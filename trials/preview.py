@@ -31,8 +31,8 @@ from trials.model import score_fn
 from trials.odesolve import ODEFailure
 from trials.progress import ScoreProgress
 from trials.sampling import ode_sample, save_grid
-from trials.sde import VPSDE
-from trials.train import eval_model_from_checkpoint, load_checkpoint, resolve_device
+from trials.sde import make_sde
+from trials.trainer import eval_model_from_checkpoint, load_checkpoint, resolve_device
 
 CHECKPOINT_FILE = "trainer.pt"  # what trials.trainable writes into each Tune checkpoint folder
 LOOSE_TOLERANCE = 1e-3
@@ -59,7 +59,7 @@ def draw_grid(checkpoint: str | Path, out: str | Path, *, n: int = 36, rtol: flo
     path = checkpoint_file(checkpoint)
     ckpt = load_checkpoint(path, map_location=dev)
     cfg, model = eval_model_from_checkpoint(ckpt, dev)
-    sde = VPSDE(cfg.sde.beta_min, cfg.sde.beta_max, cfg.sde.T)
+    sde = make_sde(cfg.sde)
     eps = cfg.sde.sampling_eps
     score = score_fn(model, sde)
     if report is not None:
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = OneLineArgumentParser(prog="python -m trials.preview",
                                    description="A sample grid from a checkpoint: the probability-flow ODE at a loose tolerance.")
-    parser.add_argument("--checkpoint", required=True, help="a Tune checkpoint folder (with trainer.pt) or a trials.train checkpoint file")
+    parser.add_argument("--checkpoint", required=True, help="a Tune checkpoint folder (with trainer.pt) or a trials.trainer checkpoint file")
     parser.add_argument("--out", required=True, help="PNG file for the grid")
     parser.add_argument("--n", type=positive_int, default=36, help="images (default 36: a 6 x 6 grid)")
     parser.add_argument("--rtol", type=positive_float, default=LOOSE_TOLERANCE)
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     except ODEFailure as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 1
-    except (KeyError, RuntimeError, ValueError, OSError) as exc:  # not a trials.train checkpoint
+    except (KeyError, RuntimeError, ValueError, OSError) as exc:  # not a trials.trainer checkpoint
         return fail(f"{path}: cannot sample from it ({type(exc).__name__}: {str(exc).strip()[:200]})")
     print(json.dumps(info))
     return 0

@@ -17,7 +17,7 @@ from typing import Callable, TextIO
 
 import torch
 
-from trials.sde import VPSDE, ScoreFn
+from trials.sde import SDE, ScoreFn
 
 
 class Progress:
@@ -61,7 +61,7 @@ class ScoreProgress:
     evaluations so far, and the time left.
     """
 
-    def __init__(self, score: ScoreFn, sde: VPSDE, eps: float, label: str, report: Callable[[str], None],
+    def __init__(self, score: ScoreFn, sde: SDE, eps: float, label: str, report: Callable[[str], None],
                  every: float = 5.0):
         self.score, self.sde, self.report = score, sde, report
         self.lam_T, self.lam_eps = (self._lam(v) for v in (sde.T, eps))

@@ -12,7 +12,7 @@ Both samplers start from the prior N(0, I) at t = T and run time backwards to t 
 in eval mode first), or the closed-form `trials.sde.gaussian_score` that the tests use. The functions here
 are pure: no files, no global state; randomness comes only from the `generator` passed in.
 
-Run as a script to sample from a checkpoint written by trials.train:
+Run as a script to sample from a checkpoint written by trials.trainer:
     python -m trials.sampling --checkpoint ckpt.pt --sampler pc|ode --n 64 --out grid.png [--steps N]
 """
 
@@ -27,9 +27,10 @@ from typing import Callable
 
 import torch
 
+from trials.cli import first_line
 from trials.config import IMAGE_SIZE
 from trials.odesolve import ODEFailure, solve
-from trials.sde import VPSDE, FlowFrame, ScoreFn, per_sample
+from trials.sde import SDE, make_sde, FlowFrame, ScoreFn, per_sample
 
 
 def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -37,7 +38,7 @@ def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
 
 
 # ---- reverse SDE: predictor and corrector ----------------------------------------------------------------
-def euler_maruyama_step(score: ScoreFn, sde: VPSDE, x: torch.Tensor, t: torch.Tensor, dt: torch.Tensor, *,
+def euler_maruyama_step(score: ScoreFn, sde: SDE, x: torch.Tensor, t: torch.Tensor, dt: torch.Tensor, *,
                         generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One Euler-Maruyama step of the reverse SDE from time t to t - dt (dt > 0).
 
@@ -83,7 +84,7 @@ def langevin_correct(score: ScoreFn, x: torch.Tensor, t: torch.Tensor, *, snr: f
 
 
 @torch.no_grad()
-def pc_sample(score: ScoreFn, sde: VPSDE, shape: tuple[int, ...], *, eps: float, steps: int,
+def pc_sample(score: ScoreFn, sde: SDE, shape: tuple[int, ...], *, eps: float, steps: int,
               corrector_steps: int = 1, snr: float = 0.16, generator: torch.Generator | None = None,
               device: torch.device | str = "cpu", denoise: bool = True,
               progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
@@ -131,7 +132,7 @@ class _ProbabilityFlow:
 
 
 @torch.no_grad()
-def ode_sample(score: ScoreFn, sde: VPSDE, shape: tuple[int, ...], *, eps: float, rtol: float = 1e-5,
+def ode_sample(score: ScoreFn, sde: SDE, shape: tuple[int, ...], *, eps: float, rtol: float = 1e-5,
                atol: float = 1e-5, method: str = "dopri5", frame: str = "logsnr", denoise: bool = True,
                generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> tuple[torch.Tensor, int]:
     """Integrate the probability-flow ODE from a prior draw at T back to eps; returns (x, nfe).
@@ -181,11 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here: the samplers above need neither the network nor the trainer.
     from trials.cli import OneLineArgumentParser, positive_int
     from trials.model import score_fn
-    from trials.train import eval_model_from_checkpoint, load_checkpoint, resolve_device
+    from trials.trainer import eval_model_from_checkpoint, load_checkpoint, resolve_device
 
     parser = OneLineArgumentParser(prog="python -m trials.sampling",
-                                    description="Sample an image grid from a trials.train checkpoint.")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint written by trials.train")
+                                    description="Sample an image grid from a trials.trainer checkpoint.")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint written by trials.trainer")
     parser.add_argument("--sampler", choices=("pc", "ode"), default="pc")
     parser.add_argument("--n", type=positive_int, default=None, help="images (default: sample.n_images)")
     parser.add_argument("--out", required=True, help="PNG file for the grid")
@@ -215,10 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = load_checkpoint(path, map_location=device)
         cfg, model = eval_model_from_checkpoint(ckpt, device)
     except Exception as exc:  # unpickling, missing keys, mismatched weights: all mean "not our checkpoint"
-        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        return fail(f"{path} is not a trials.train checkpoint ({type(exc).__name__}: {detail})")
+        return fail(f"{path} is not a trials.trainer checkpoint ({type(exc).__name__}: {first_line(exc)})")
 
-    sde = VPSDE(cfg.sde.beta_min, cfg.sde.beta_max, cfg.sde.T)
+    sde = make_sde(cfg.sde)
     sc = cfg.sample
     n = args.n if args.n is not None else sc.n_images
     generator = torch.Generator(device=device).manual_seed(sc.seed if args.seed is None else args.seed)

@@ -1,6 +1,18 @@
-"""The variance-preserving SDE (Song et al., 2021): all of its math, in one place.
+"""The diffusion SDEs (Song et al., 2021): all of their math, in one place.
 
-    dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw,    beta(t) = beta_min + t (beta_max - beta_min),  t in [0, T]
+Every SDE here has Gaussian perturbation kernels x_t = alpha(t) x_0 + sigma(t) z with a linear drift,
+
+    dx = f(t) x dt + g(t) dw,    f = d log alpha / dt,    g^2 = d sigma^2/dt - 2 f sigma^2,
+
+and `SDE` derives from a subclass's alpha, sigma, f and g everything else: the perturbation, the prior, the
+reverse-time SDE and probability-flow drifts, the denoiser and the clock lambda = log(sigma / alpha) of
+the logsnr frame. Two are defined, chosen by `sde.kind` through `make_sde`:
+
+    vp      dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw,        sigma^2 = 1 - alpha^2
+    subvp   dx = -1/2 beta(t) x dt + sqrt(beta(t) (1 - alpha^4)) dw,   sigma = 1 - alpha^2
+
+both with beta(t) = beta_min + t (beta_max - beta_min) and alpha(t) = exp(-1/2 integral_0^t beta). A new
+SDE is a subclass here, its name in `SDES` and in `trials.config.SDE_KINDS`.
 
 Training (perturbation kernel), sampling (reverse SDE, probability-flow ODE) and the likelihood evaluator
 all take their formulas from here. A score is passed in as a tensor (or a callable where an ODE needs one),
@@ -53,12 +65,16 @@ t(lambda) it needs is the closed-form inverse `time_at_neg_log_mean_coeff` of th
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from trials.config import FRAMES
+
+if TYPE_CHECKING:
+    from trials.config import SDEConfig
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -68,29 +84,102 @@ def per_sample(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, *([1] * (x.dim() - 1)))
 
 
+class SDE(ABC):
+    """An SDE with Gaussian kernels x_t = alpha(t) x_0 + sigma(t) z and the prior N(0, I) at t = T.
+
+    Subclasses give beta-free formulas for alpha, sigma, the drift coefficient and the diffusion, and the
+    clock lambda = log(sigma / alpha) with its inverse; the rest is derived here, once.
+    """
+
+    T: float
+
+    # --- what a subclass defines ---------------------------------------------------------------------
+    @abstractmethod
+    def log_mean_coeff(self, t: torch.Tensor) -> torch.Tensor:
+        """log alpha(t)."""
+
+    @abstractmethod
+    def marginal_std(self, t: torch.Tensor) -> torch.Tensor:
+        """sigma(t)."""
+
+    @abstractmethod
+    def drift_coeff(self, t: torch.Tensor) -> torch.Tensor:
+        """f(t) = d log alpha / dt: the drift is f(t) x."""
+
+    @abstractmethod
+    def diffusion(self, t: torch.Tensor) -> torch.Tensor:
+        """g(t)."""
+
+    @abstractmethod
+    def time_at(self, lam: torch.Tensor) -> torch.Tensor:
+        """The time t at which log(sigma / alpha) = lam: the inverse of `log_noise_scale`."""
+
+    @abstractmethod
+    def scale_and_std_at(self, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha, sigma) at log(sigma / alpha) = lam, straight from lam (no round trip through t)."""
+
+    @abstractmethod
+    def dlog_alpha_dlambda(self, lam: torch.Tensor) -> torch.Tensor:
+        """d log alpha / d lambda at lam: the linear coefficient of the probability flow in the logsnr frame."""
+
+    # --- derived ----------------------------------------------------------------------------------
+    def drift(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return per_sample(self.drift_coeff(t), x) * x
+
+    def mean_coeff(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.exp(self.log_mean_coeff(t))
+
+    def log_noise_scale(self, t: torch.Tensor) -> torch.Tensor:
+        """lambda(t) = log(sigma / alpha)."""
+        return torch.log(self.marginal_std(t)) - self.log_mean_coeff(t)
+
+    def perturb(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Sample x_t given x_0 with the supplied standard-normal `noise`."""
+        return per_sample(self.mean_coeff(t), x0) * x0 + per_sample(self.marginal_std(t), x0) * noise
+
+    def prior_sample(self, shape: tuple[int, ...], generator: torch.Generator | None = None,
+                     device: torch.device | str = "cpu") -> torch.Tensor:
+        return torch.randn(shape, generator=generator, device=device)
+
+    def prior_logp(self, z: torch.Tensor) -> torch.Tensor:
+        """log N(z; 0, I), summed over all but the batch dimension."""
+        dims = z[0].numel()
+        return -0.5 * dims * math.log(2 * math.pi) - 0.5 * z.flatten(1).pow(2).sum(dim=1)
+
+    def reverse_drift(self, x: torch.Tensor, t: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        """Drift of the reverse-time SDE, dx = [f - g^2 score] dt + g dw_bar (time runs from T to 0)."""
+        return self.drift(x, t) - per_sample(self.diffusion(t) ** 2, x) * score
+
+    def probability_flow_drift(self, x: torch.Tensor, t: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        """Drift of the probability-flow ODE, dx/dt = f - 1/2 g^2 score, which shares the SDE's marginals."""
+        return self.drift(x, t) - 0.5 * per_sample(self.diffusion(t) ** 2, x) * score
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        """The posterior mean E[x_0 | x_t] = (x - sigma eps_theta) / alpha = (x + sigma^2 score) / alpha (Tweedie)."""
+        alpha, sigma = per_sample(self.mean_coeff(t), x), per_sample(self.marginal_std(t), x)
+        return (x + sigma**2 * score) / alpha
+
+
 @dataclass(frozen=True)
-class VPSDE:
+class VPSDE(SDE):
+    """Variance preserving: dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw, sigma^2 = 1 - alpha^2."""
+
     beta_min: float = 0.1
     beta_max: float = 20.0
     T: float = 1.0
 
-    # --- the forward SDE -------------------------------------------------------------------------
     def beta(self, t: torch.Tensor) -> torch.Tensor:
         return self.beta_min + t * (self.beta_max - self.beta_min)
 
-    def drift(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return -0.5 * per_sample(self.beta(t), x) * x
+    def drift_coeff(self, t: torch.Tensor) -> torch.Tensor:
+        return -0.5 * self.beta(t)
 
     def diffusion(self, t: torch.Tensor) -> torch.Tensor:
         return torch.sqrt(self.beta(t))
 
-    # --- marginals p_t(x_t | x_0) = N(alpha(t) x_0, sigma(t)^2 I) ----------------------------------
     def log_mean_coeff(self, t: torch.Tensor) -> torch.Tensor:
         """log alpha(t) = -1/2 * integral_0^t beta(s) ds."""
         return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
-
-    def mean_coeff(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.exp(self.log_mean_coeff(t))
 
     def marginal_std(self, t: torch.Tensor) -> torch.Tensor:
         # 1 - alpha^2 written with expm1: at t ~ 1e-5 the naive form loses most of its digits in float32.
@@ -101,43 +190,73 @@ class VPSDE:
         return 0.5 * torch.log(torch.expm1(-2.0 * self.log_mean_coeff(t)))
 
     def time_at(self, lam: torch.Tensor) -> torch.Tensor:
-        """The SDE time t at which log(sigma / alpha) = lam: the inverse of `log_noise_scale`."""
         # alpha^2 = 1 / (1 + s^2), so -log alpha = 1/2 log(1 + e^(2 lam)), exactly, for any lam.
         neg_log_alpha = 0.5 * torch.logaddexp(torch.zeros_like(lam), 2.0 * lam)
         return time_at_neg_log_mean_coeff(neg_log_alpha, self.beta_min, self.beta_max)
 
     def scale_and_std_at(self, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(alpha, sigma) at log(sigma / alpha) = lam, straight from lam (no round trip through t)."""
         log_alpha = -0.5 * torch.logaddexp(torch.zeros_like(lam), 2.0 * lam)
         return torch.exp(log_alpha), torch.exp(lam + log_alpha)
 
-    def perturb(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Sample x_t given x_0 with the supplied standard-normal `noise`."""
-        return per_sample(self.mean_coeff(t), x0) * x0 + per_sample(self.marginal_std(t), x0) * noise
+    def dlog_alpha_dlambda(self, lam: torch.Tensor) -> torch.Tensor:
+        return -self.scale_and_std_at(lam)[1] ** 2  # -sigma^2
 
-    # --- the prior at t = T --------------------------------------------------------------------------
-    def prior_sample(self, shape: tuple[int, ...], generator: torch.Generator | None = None,
-                     device: torch.device | str = "cpu") -> torch.Tensor:
-        return torch.randn(shape, generator=generator, device=device)
 
-    def prior_logp(self, z: torch.Tensor) -> torch.Tensor:
-        """log N(z; 0, I), summed over all but the batch dimension."""
-        dims = z[0].numel()
-        return -0.5 * dims * math.log(2 * math.pi) - 0.5 * z.flatten(1).pow(2).sum(dim=1)
+@dataclass(frozen=True)
+class SubVPSDE(SDE):
+    """Sub-VP (Song et al., 2021): dx = -1/2 beta x dt + sqrt(beta (1 - alpha^4)) dw, sigma = 1 - alpha^2.
 
-    # --- the reverse-time processes, given the score of p_t -------------------------------------
-    def reverse_drift(self, x: torch.Tensor, t: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
-        """Drift of the reverse-time SDE, dx = [f - g^2 score] dt + g dw_bar (time runs from T to 0)."""
-        return self.drift(x, t) - per_sample(self.beta(t), x) * score
+    Its variance stays below the VP SDE's at every t; same alpha, same beta(t).
+    """
 
-    def probability_flow_drift(self, x: torch.Tensor, t: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
-        """Drift of the probability-flow ODE, dx/dt = f - 1/2 g^2 score, which shares the SDE's marginals."""
-        return self.drift(x, t) - 0.5 * per_sample(self.beta(t), x) * score
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    T: float = 1.0
 
-    def denoise(self, x: torch.Tensor, t: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
-        """The posterior mean E[x_0 | x_t] = (x - sigma eps_theta) / alpha = (x + sigma^2 score) / alpha (Tweedie)."""
-        alpha, sigma = per_sample(self.mean_coeff(t), x), per_sample(self.marginal_std(t), x)
-        return (x + sigma**2 * score) / alpha
+    def beta(self, t: torch.Tensor) -> torch.Tensor:
+        return self.beta_min + t * (self.beta_max - self.beta_min)
+
+    def drift_coeff(self, t: torch.Tensor) -> torch.Tensor:
+        return -0.5 * self.beta(t)
+
+    def diffusion(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(self.beta(t) * -torch.expm1(4.0 * self.log_mean_coeff(t)))
+
+    def log_mean_coeff(self, t: torch.Tensor) -> torch.Tensor:
+        return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+
+    def marginal_std(self, t: torch.Tensor) -> torch.Tensor:
+        return -torch.expm1(2.0 * self.log_mean_coeff(t))  # 1 - alpha^2, accurate at small t
+
+    def time_at(self, lam: torch.Tensor) -> torch.Tensor:
+        return time_at_neg_log_mean_coeff(self._neg_log_alpha(lam), self.beta_min, self.beta_max)
+
+    def scale_and_std_at(self, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        neg_log_alpha = self._neg_log_alpha(lam)
+        return torch.exp(-neg_log_alpha), torch.exp(lam - neg_log_alpha)  # sigma = s alpha exactly
+
+    @staticmethod
+    def _neg_log_alpha(lam: torch.Tensor) -> torch.Tensor:
+        # s = sigma / alpha = (1 - alpha^2) / alpha, so alpha^2 + s alpha - 1 = 0 and 1 / alpha = s/2 + sqrt(s^2/4 + 1):
+        # -log alpha = asinh(s / 2), which keeps its digits at small s where log(alpha ~ 1) would not; for
+        # lam > 0 it is written as lam + log(1/2 + sqrt(1/4 + e^(-2 lam))), which cannot overflow (an adaptive
+        # solver's first trial step may probe lambda far beyond T).
+        small = torch.asinh(0.5 * torch.exp(torch.clamp(lam, max=0.0)))
+        large = lam + torch.log(0.5 + torch.sqrt(0.25 + torch.exp(-2.0 * torch.clamp(lam, min=0.0))))
+        return torch.where(lam > 0, large, small)
+
+    def dlog_alpha_dlambda(self, lam: torch.Tensor) -> torch.Tensor:
+        # lambda = log(1 - alpha^2) - log alpha, so d lambda / d log alpha = -(1 + alpha^2) / (1 - alpha^2).
+        alpha, sigma = self.scale_and_std_at(lam)
+        return -sigma / (1.0 + alpha**2)
+
+
+SDES: dict[str, type[SDE]] = {"vp": VPSDE, "subvp": SubVPSDE}  # the names trials.config.SDE_KINDS allows
+
+
+def make_sde(cfg: "SDEConfig") -> SDE:
+    """The SDE a config's `sde` section describes."""
+    return SDES[cfg.kind](cfg.beta_min, cfg.beta_max, cfg.T)
 
 
 def time_at_neg_log_mean_coeff(c: torch.Tensor, beta_min: float, beta_max: float) -> torch.Tensor:
@@ -156,8 +275,9 @@ def time_at_neg_log_mean_coeff(c: torch.Tensor, beta_min: float, beta_max: float
 class FlowFrame:
     """The probability-flow ODE of `sde` in one frame: its clock tau and the velocity dx/dtau.
 
-    frame "t":      tau = t,       dx/dtau = -1/2 beta x - 1/2 beta score (the drift)
-    frame "logsnr": tau = lambda,  dx/dtau = -sigma^2 x - sigma^2 score(x, t(lambda))
+    frame "t":      tau = t,       dx/dtau = f x - 1/2 g^2 score (the probability-flow drift)
+    frame "logsnr": tau = lambda,  dx/dtau = (d log alpha / d lambda) x - sigma^2 score(x, t(lambda))
+                                   (for vp, -sigma^2 x - sigma^2 score)
 
     For the density, `velocity` also returns the part of dx/dtau whose divergence has to be estimated, and
     `closed_form_divergence(tau0, tau1, dims)` the integral of the rest's: in frame logsnr the linear part
@@ -166,7 +286,7 @@ class FlowFrame:
     Clock values tau are 0-dim tensors (torchdiffeq keeps them in float64).
     """
 
-    sde: VPSDE
+    sde: SDE
     name: str = "logsnr"
 
     def __post_init__(self):
@@ -196,11 +316,13 @@ class FlowFrame:
         if self.name == "t":
             drift = self.sde.probability_flow_drift(x, t_batch, score_value)
             return drift, drift, score_value
-        sigma2 = self.sde.scale_and_std_at(tau.to(torch.float64))[1].pow(2).to(x.dtype)
+        lam = tau.to(torch.float64)
+        sigma2 = self.sde.scale_and_std_at(lam)[1].pow(2).to(x.dtype)
+        linear = self.sde.dlog_alpha_dlambda(lam).to(x.dtype)
         # sigma eps_theta with eps_theta = -sigma score: one scalar factor, so a network's score_fn (which
         # divides its noise prediction by sigma) costs no more here than its raw output would.
         network = -sigma2 * score_value
-        return network - sigma2 * x, network, score_value
+        return network + linear * x, network, score_value
 
     def closed_form_divergence(self, tau0: float, tau1: float, dims: int) -> float:
         """Integral from tau0 to tau1 of the divergence of the part of dx/dtau that `velocity` splits off."""
@@ -210,7 +332,7 @@ class FlowFrame:
         return dims * (log_alpha[1] - log_alpha[0]).item()
 
 
-def gaussian_marginal(sde: VPSDE, mean: torch.Tensor, std: torch.Tensor, t: torch.Tensor):
+def gaussian_marginal(sde: SDE, mean: torch.Tensor, std: torch.Tensor, t: torch.Tensor):
     """Mean and std of p_t when the data are N(mean, std^2) per dimension (independent).
 
     A Gaussian stays Gaussian under the VP SDE: x_t = alpha x_0 + sigma z, so
@@ -226,7 +348,7 @@ def gaussian_marginal(sde: VPSDE, mean: torch.Tensor, std: torch.Tensor, t: torc
     return mean_t, std_t
 
 
-def gaussian_score(sde: VPSDE, mean: torch.Tensor, std: torch.Tensor):
+def gaussian_score(sde: SDE, mean: torch.Tensor, std: torch.Tensor):
     """The exact score function of p_t for N(mean, std^2) data: a drop-in for a trained network."""
 
     def score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -236,7 +358,7 @@ def gaussian_score(sde: VPSDE, mean: torch.Tensor, std: torch.Tensor):
     return score
 
 
-def gaussian_logp(sde: VPSDE, mean: torch.Tensor, std: torch.Tensor, x: torch.Tensor, t: torch.Tensor):
+def gaussian_logp(sde: SDE, mean: torch.Tensor, std: torch.Tensor, x: torch.Tensor, t: torch.Tensor):
     """Exact log p_t(x) for N(mean, std^2) data, summed over all but the batch dimension."""
     mean_t, std_t = gaussian_marginal(sde, mean, std, t)
     logp = -0.5 * ((x - mean_t) / std_t) ** 2 - torch.log(std_t) - 0.5 * math.log(2 * math.pi)

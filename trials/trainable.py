@@ -30,8 +30,8 @@ from trials.data import MnistData
 from trials.likelihood import BPDResult, LikelihoodEvaluator
 from trials.model import score_fn
 from trials.preview import draw_grid
-from trials.sde import VPSDE
-from trials.train import Trainer, eval_model_from_checkpoint, load_checkpoint
+from trials.sde import make_sde
+from trials.trainer import Trainer, eval_model_from_checkpoint, load_checkpoint
 
 CHECKPOINT_FILE = "trainer.pt"
 
@@ -97,7 +97,7 @@ def rescore_checkpoint(checkpoint_dir: str, evaluator: LikelihoodEvaluator, devi
         device = "cuda" if torch.cuda.is_available() else "cpu"
     ckpt = load_checkpoint(Path(checkpoint_dir) / CHECKPOINT_FILE)
     cfg, model = eval_model_from_checkpoint(ckpt, device)
-    sde = VPSDE(cfg.sde.beta_min, cfg.sde.beta_max, cfg.sde.T)
+    sde = make_sde(cfg.sde)
     result: BPDResult = evaluator.evaluate(score_fn(model, sde), sde, cfg.sde.sampling_eps, "accurate", device=device)
     return {**result.to_dict(), "step": int(ckpt["step"])}
 

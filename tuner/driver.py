@@ -33,6 +33,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 
+from trials.cli import EXIT_INTERRUPTED, UserError
 from trials.data import load_data
 from trials.likelihood import LikelihoodEvaluator
 from trials.trainable import rescore_checkpoint, run_trial, sample_checkpoint, time_training_steps
@@ -44,12 +45,12 @@ from tuner.searcher import STUDY_FILE, OptunaSearcher, make_sampler, optuna_stor
 from tuner.outbox import EXIT_TRACKING_INCOMPLETE
 from tuner.space import METRIC, MODE, SearchSpace, load_space
 from tuner.sync import complete_experiment
-from tuner.tracking import ExperimentTracker, MlflowTrialLogger, default_tracking_uri, read_state, trial_status
+from tuner.mlflow_runs import default_tracking_uri
+from tuner.tracking import ExperimentTracker, MlflowTrialLogger, read_state, trial_status
 
-EXIT_INTERRUPTED = 130
 
 
-class UsageError(ValueError):
+class UsageError(UserError, ValueError):
     """The command line asks for something impossible; one line, exit 2."""
 
 
@@ -128,7 +129,7 @@ def run(options: TuneOptions) -> int:
                              threads=max(1, int(space.resources.cpus_per_trial))),
         {"cpu": space.resources.cpus_per_trial, "gpu": gpus})
 
-    tracker = ExperimentTracker.open(tracking_uri, experiment_dir, space.name, storage)
+    tracker = ExperimentTracker.open(tracking_uri, experiment_dir, space.name)
     tracker.log_experiment(_experiment_params(space), {"space_file": space.source, "space_sha256": space.sha256})
     ids = (f"experiment {tracker.experiment_id}, parent run {tracker.parent_run_id}" if tracker.parent_run_id
            else "parent run not created yet")
@@ -151,7 +152,7 @@ def run(options: TuneOptions) -> int:
             run_config=tune.RunConfig(
                 name=space.name,
                 storage_path=str(storage),
-                callbacks=[MlflowTrialLogger(tracking_uri, experiment_dir, space.name, storage, space,
+                callbacks=[MlflowTrialLogger(tracking_uri, experiment_dir, space.name, space,
                                              base.train.steps)],
                 failure_config=tune.FailureConfig(max_failures=space.search.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),

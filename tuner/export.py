@@ -24,6 +24,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from trials.files import atomic_write_text
+from tuner.mlflow_runs import is_finite_number
 from tuner.space import SearchSpace
 
 NOT_CANDIDATES = ("errored", "diverged")
@@ -68,7 +70,7 @@ def rank_candidates(analysis, statuses: dict[str, str], top_k: int) -> list[tupl
     scored = []
     for trial in analysis.trials:
         bpd = (trial.last_result or {}).get("val_bpd")
-        if statuses.get(trial.trial_id) in NOT_CANDIDATES or not _finite(bpd):
+        if statuses.get(trial.trial_id) in NOT_CANDIDATES or not is_finite_number(bpd):
             continue
         checkpoint = analysis.get_last_checkpoint(trial)
         if checkpoint is not None:
@@ -121,9 +123,9 @@ def write_outputs(experiment_dir: Path, space: SearchSpace, table: pd.DataFrame,
             table[column] = [comparison.get(tid, {}).get(column, missing) for tid in table.trial_id]
     rescores = {tid: {**r, **comparison.get(tid, {})} for tid, r in rescores.items()}
     paths = {"trials_csv": experiment_dir / "trials.csv"}
-    _atomic_write(paths["trials_csv"], table.to_csv(index=False))
+    atomic_write_text(paths["trials_csv"], table.to_csv(index=False))
     paths["rescores"] = experiment_dir / "rescores.json"
-    _atomic_write(paths["rescores"], json.dumps(rescores, indent=2, default=str))
+    atomic_write_text(paths["rescores"], json.dumps(rescores, indent=2, default=str))
     run_ids = dict(zip(table.trial_id, table.mlflow_run_id)) if len(table) else {}
     for trial_id, c in comparison.items():
         if run_ids.get(trial_id):
@@ -137,9 +139,9 @@ def write_outputs(experiment_dir: Path, space: SearchSpace, table: pd.DataFrame,
         config["provenance"] = {
             "experiment": space.name,
             "trial_id": export.winner_id,
-            "val_bpd_fast": _plain(winner_row["val_bpd_last"]),
-            "val_bpd_accurate": _plain(winner_row["val_bpd_accurate"]),
-            "val_bpd_accurate_stderr": _plain(winner_row["val_bpd_accurate_stderr"]),
+            "val_bpd_fast": _yaml_scalar(winner_row["val_bpd_last"]),
+            "val_bpd_accurate": _yaml_scalar(winner_row["val_bpd_accurate"]),
+            "val_bpd_accurate_stderr": _yaml_scalar(winner_row["val_bpd_accurate_stderr"]),
             "accurate_fidelity": rescore.get("fidelity"),
             "steps_trained": int(winner_row["steps"]),
             "checkpoint": str(analysis.get_last_checkpoint(trial).path) if analysis.get_last_checkpoint(trial) else None,
@@ -155,7 +157,7 @@ def write_outputs(experiment_dir: Path, space: SearchSpace, table: pd.DataFrame,
         paths["best_config"] = experiment_dir / "best_config.yaml"
         header = (f"# Best config of tuning experiment '{space.name}' (trial {export.winner_id}).\n"
                   f"# Full run: python train.py --config {paths['best_config']}\n")
-        _atomic_write(paths["best_config"], header + yaml.safe_dump(config, sort_keys=False))
+        atomic_write_text(paths["best_config"], header + yaml.safe_dump(config, sort_keys=False))
         artifacts.append(paths["best_config"])
     tracker.log_summary(
         metrics={"best_val_bpd_fast": table["val_bpd_last"].min() if len(table) else math.nan,
@@ -169,11 +171,11 @@ def write_outputs(experiment_dir: Path, space: SearchSpace, table: pd.DataFrame,
 
 def _pick_winner(table: pd.DataFrame, rescores: dict[str, dict]) -> Export:
     """The best accurate re-score wins, so the winner is not picked by the fast estimate's noise."""
-    good = {tid: r["mean"] for tid, r in rescores.items() if not r.get("failed") and _finite(r.get("mean"))}
+    good = {tid: r["mean"] for tid, r in rescores.items() if not r.get("failed") and is_finite_number(r.get("mean"))}
     if good:
         tid = min(good, key=good.get)
         return Export(tid, good[tid], "accurate")
-    finite = table[table["val_bpd_last"].map(_finite)] if len(table) else table
+    finite = table[table["val_bpd_last"].map(is_finite_number)] if len(table) else table
     if len(finite):
         row = finite.sort_values("val_bpd_last").iloc[0]
         return Export(row["trial_id"], float(row["val_bpd_last"]), "fast")
@@ -211,7 +213,7 @@ def fill_mlflow_ids(experiment_dir: Path, experiment_id: str | None, parent_run_
         if updates:
             provenance.update(updates)
             header = "".join(line for line in text.splitlines(keepends=True)[:2] if line.startswith("#"))
-            _atomic_write(best, header + yaml.safe_dump(config, sort_keys=False))
+            atomic_write_text(best, header + yaml.safe_dump(config, sort_keys=False))
             changed.append(best)
     return changed
 
@@ -232,17 +234,9 @@ def code_version() -> str:
         return "unknown"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _plain(value: Any) -> Any:
+def _yaml_scalar(value: Any) -> Any:
     """numpy scalars and NaN to what YAML writes plainly (NaN -> null)."""
     if hasattr(value, "item"):
         value = value.item()

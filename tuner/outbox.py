@@ -45,6 +45,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from trials.cli import first_line
+
 OUTBOX_FILE = "mlflow_outbox.jsonl"
 STATE_FILE = "mlflow_outbox.state.json"
 REJECTED_FILE = "mlflow_outbox.rejected.jsonl"
@@ -521,8 +523,7 @@ def _describe(record: dict[str, Any]) -> str:
 
 
 def _detail(exc: Exception) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0][:240] if text else type(exc).__name__)
+    return first_line(exc, 240)
 
 
 def _quote(value: str) -> str:

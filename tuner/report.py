@@ -48,7 +48,10 @@ from typing import Any, Callable
 import pandas as pd
 import yaml
 
+from trials.cli import UserError
+from trials.files import atomic_write_text
 from tuner.cpu_only import asha_rungs
+from tuner.mlflow_runs import is_finite_number
 from tuner.export import TIE_STDERRS
 from trials.progress import Progress
 from tuner.space import SearchSpace, SpaceError, load_space
@@ -74,7 +77,7 @@ FIGURES = ("learning_curves", "importance", "hyperparameters", "rescores", "samp
 Sampler = Callable[[Path, Path, dict[str, Any]], dict[str, Any]]
 
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
     """The folder is not an experiment the report can read; one line, exit 2."""
 
 
@@ -226,17 +229,17 @@ def _winner(folder: Path, trials: list[TrialRecord], rescores: dict, table: pd.D
         provenance = (yaml.safe_load((folder / "best_config.yaml").read_text()) or {}).get("provenance") or {}
     trial_id, fidelity = provenance.get("trial_id"), None
     if trial_id is None:
-        good = {tid: r["mean"] for tid, r in rescores.items() if not r.get("failed") and _finite(r.get("mean"))}
+        good = {tid: r["mean"] for tid, r in rescores.items() if not r.get("failed") and is_finite_number(r.get("mean"))}
         if good:
             trial_id, fidelity = min(good, key=good.get), "accurate"
     if trial_id is None:
-        finite = [t for t in trials if t.status not in ("errored", "diverged") and _finite(t.final_bpd)]
+        finite = [t for t in trials if t.status not in ("errored", "diverged") and is_finite_number(t.final_bpd)]
         if not finite:
             return None
         trial_id, fidelity = min(finite, key=lambda t: t.final_bpd).trial_id, "fast"
     rescore = rescores.get(trial_id, {})
     if fidelity is None:
-        fidelity = "accurate" if _finite(provenance.get("val_bpd_accurate")) else "fast"
+        fidelity = "accurate" if is_finite_number(provenance.get("val_bpd_accurate")) else "fast"
     trial = by_id.get(trial_id)
     if fidelity == "accurate":
         bpd, stderr = float(rescore.get("mean", provenance.get("val_bpd_accurate"))), float(rescore.get("stderr", math.nan))
@@ -263,7 +266,7 @@ def importance(exp: Experiment) -> Importance:
     answers another question. The study is built in memory from the records, not taken from the searcher."""
     import optuna
 
-    full = [t for t in exp.trials if t.status == "completed" and t.steps >= exp.max_steps and _finite(t.final_bpd)]
+    full = [t for t in exp.trials if t.status == "completed" and t.steps >= exp.max_steps and is_finite_number(t.final_bpd)]
     ids = [t.trial_id for t in full]
     if len(full) < 2:
         return Importance(None, ids, f"Omitted: importance needs at least 2 trials that reached the full "
@@ -294,7 +297,7 @@ def ties(exp: Experiment) -> tuple[dict[str, bool], str]:
     """Which re-scored trials are tied with the winner, and how that was decided."""
     if exp.winner is None or exp.winner.fidelity != "accurate":
         return {}, "No accurate re-scores yet (the search has not finished)."
-    scored = {tid: r for tid, r in exp.rescores.items() if not r.get("failed") and _finite(r.get("mean"))}
+    scored = {tid: r for tid, r in exp.rescores.items() if not r.get("failed") and is_finite_number(r.get("mean"))}
     recorded = {tid: r["tied_with_winner"] for tid, r in scored.items() if "tied_with_winner" in r}
     if exp.table is not None and "tied_with_winner" in exp.table.columns and not recorded:
         recorded = {tid: bool(v) for tid, v in zip(exp.table.trial_id, exp.table.tied_with_winner)
@@ -336,7 +339,7 @@ def plot_learning_curves(exp: Experiment, path: Path) -> Path:
               + [0.0])
     for t in exp.trials:
         counts[t.status] = counts.get(t.status, 0) + 1
-        h = t.history[t.history["val_bpd"].map(_finite)]
+        h = t.history[t.history["val_bpd"].map(is_finite_number)]
         if not len(h):
             silent[t.status] = silent.get(t.status, 0) + 1
             continue
@@ -397,7 +400,7 @@ def plot_hyperparameters(exp: Experiment, path: Path) -> Path:
     nrows = math.ceil(len(hps) / ncols)
     fig = _figure(4.3 * ncols, 3.4 * nrows + 0.6)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    scored = [t for t in exp.trials if _finite(t.final_bpd)]
+    scored = [t for t in exp.trials if is_finite_number(t.final_bpd)]
     winner_id = exp.winner.trial_id if exp.winner else None
     for ax, hp in zip(axes, hps):
         for i, t in enumerate(scored):
@@ -440,7 +443,7 @@ def plot_rescores(exp: Experiment, tied: dict[str, bool], path: Path) -> Path | 
     rows = [(tid, r) for tid, r in exp.rescores.items()]
     if not rows:
         return None
-    rows.sort(key=lambda item: item[1]["mean"] if _finite(item[1].get("mean")) and not item[1].get("failed") else math.inf)
+    rows.sort(key=lambda item: item[1]["mean"] if is_finite_number(item[1].get("mean")) and not item[1].get("failed") else math.inf)
     by_id = {t.trial_id: t for t in exp.trials}
     fig = _figure(8.5, 0.6 * len(rows) + 1.8)
     ax = fig.subplots()
@@ -449,9 +452,9 @@ def plot_rescores(exp: Experiment, tied: dict[str, bool], path: Path) -> Path | 
     for i, (tid, r) in enumerate(rows):
         y = len(rows) - 1 - i
         fast = by_id[tid].final_bpd if tid in by_id else math.nan
-        if _finite(fast):
+        if is_finite_number(fast):
             ax.plot(fast, y, marker="D", mfc="none", color="#888888", ls="none", ms=7)
-        if r.get("failed") or not _finite(r.get("mean")):
+        if r.get("failed") or not is_finite_number(r.get("mean")):
             labels.append(f"{tid} (failed)")
             continue
         colour = "gold" if tid == winner_id else ("#1f77b4" if tied.get(tid) else "#999999")
@@ -510,7 +513,7 @@ def winner_samples(exp: Experiment, out_dir: Path, sampler: Sampler | None) -> t
     except Exception as exc:  # a failed grid costs the picture, not the report
         return None, None, f"Drawing the samples failed: {str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__}"
     info = {k: v for k, v in info.items() if k != "png"}
-    _atomic_write(meta, json.dumps({"checkpoint": str(ckpt_file), "checkpoint_sha256": digest,
+    atomic_write_text(meta, json.dumps({"checkpoint": str(ckpt_file), "checkpoint_sha256": digest,
                                     "settings": SAMPLE_SETTINGS, "info": info}, indent=2))
     return png, info, ""
 
@@ -559,9 +562,9 @@ def build_report(experiment_dir: Path, space: SearchSpace | None = None, sampler
         (out_dir / f"{stale}.png").unlink(missing_ok=True)
 
     summary = _summary(exp, imp, tied, notes, sample_info, figures)
-    _atomic_write(out_dir / "report.json", json.dumps(summary, indent=2, default=_plain))
+    atomic_write_text(out_dir / "report.json", json.dumps(summary, indent=2, default=_json_default))
     html_path = out_dir / "report.html"
-    _atomic_write(html_path, _page(exp, imp, tied, notes, sample_info, figures))
+    atomic_write_text(html_path, _page(exp, imp, tied, notes, sample_info, figures))
     return Report(html_path, figures, summary)
 
 
@@ -615,7 +618,7 @@ def _page(exp: Experiment, imp: Importance, tied: dict[str, bool], notes: dict[s
     if exp.winner:
         w = exp.winner
         params = _params_text(exp, w.trial_id)
-        score = f"{w.bpd:.4f}" + (f" ± {w.stderr:.4f}" if _finite(w.stderr) else "")
+        score = f"{w.bpd:.4f}" + (f" ± {w.stderr:.4f}" if is_finite_number(w.stderr) else "")
         parts.append(f"<p><b>Winner: trial <code>{e(w.trial_id)}</code></b>, {e(params)}: val bits/dim {score} "
                      f"({e(w.fidelity)} fidelity{'' if w.fidelity == 'accurate' else ', best so far'}).</p>")
 
@@ -677,7 +680,7 @@ def _rescore_table(exp: Experiment, tied: dict[str, bool]) -> str:
     rows = []
     winner_id = exp.winner.trial_id if exp.winner else None
     for tid, r in sorted(exp.rescores.items(), key=lambda kv: kv[1].get("mean", math.inf) if not kv[1].get("failed") else math.inf):
-        failed = r.get("failed") or not _finite(r.get("mean"))
+        failed = r.get("failed") or not is_finite_number(r.get("mean"))
         cells = [f"<code>{e(tid)}</code>", _num(r.get("mean")), _num(r.get("stderr")), _num(r.get("nfe"), "{:.0f}"),
                  _num(r.get("seconds"), "{:.1f}")]
         if paired:
@@ -693,7 +696,7 @@ def _trials_table(exp: Experiment) -> str:
     names = [hp.name for hp in exp.space.hyperparameters]
     head = ["trial", "status", *names, "last val bits/dim (fast)", "steps", "accurate re-score"]
     rows = []
-    order = sorted(exp.trials, key=lambda t: (t.final_bpd if _finite(t.final_bpd) else math.inf))
+    order = sorted(exp.trials, key=lambda t: (t.final_bpd if is_finite_number(t.final_bpd) else math.inf))
     for t in order:
         r = exp.rescores.get(t.trial_id, {})
         acc = r.get("mean") if not r.get("failed") else None
@@ -729,29 +732,19 @@ def _short(value: Any) -> str:
 
 
 def _num(value: Any, fmt: str = "{:.4f}") -> str:
-    return f"<td class='num'>{fmt.format(float(value))}</td>" if _finite(value) else "<td class='num'>–</td>"
+    return f"<td class='num'>{fmt.format(float(value))}</td>" if is_finite_number(value) else "<td class='num'>–</td>"
 
-
-def _finite(value: Any) -> bool:
-    if hasattr(value, "item"):
-        value = value.item()
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _or0(value: Any) -> float:
-    return float(value) if _finite(value) else 0.0
+    return float(value) if is_finite_number(value) else 0.0
 
 
-def _plain(value: Any) -> Any:
+def _json_default(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()
     return str(value)
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 # ---- command line --------------------------------------------------------------------------------------------
@@ -768,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         space = load_space(args.space) if args.space is not None else None
         report = build_report(args.experiment, space, sampler=None if args.no_samples else subprocess_sampler)
-    except (ReportError, SpaceError) as exc:
+    except UserError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     print(f"Report: {report.html}")

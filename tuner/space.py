@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trials.cli import UserError
 from trials.config import ConfigError, TrialConfig, build_dataclass, field_paths, read_yaml, set_dotted
 
 # The seed's five hyperparameters by their familiar names.
@@ -39,7 +40,7 @@ METRIC = "val_bpd"
 MODE = "min"
 
 
-class SpaceError(ValueError):
+class SpaceError(UserError, ValueError):
     """A search-space file is wrong; the message is one line naming the file and the field."""
 
 

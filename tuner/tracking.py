@@ -14,7 +14,6 @@ gets its id when the outbox is sent.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -22,9 +21,11 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from tuner.mlflow_runs import (
+    MLFLOW_EXPERIMENT, ROLE_TAG, ROLE_TUNING, TRIAL_ID_TAG, artifact_location, is_finite_number, param_value,
+)
 from tuner.outbox import Outbox, new_key, now_ms
 
-MLFLOW_EXPERIMENT = "vpsde-tune"
 STATE_FILE = "mlflow.json"
 METRIC_KEYS = ("train_loss", "val_dsm", "val_bpd", "val_bpd_stderr", "nfe", "eval_seconds", "images_per_sec", "seconds")
 
@@ -33,17 +34,13 @@ METRIC_KEYS = ("train_loss", "val_dsm", "val_bpd", "val_bpd_stderr", "nfe", "eva
 _OPEN: dict[tuple[str, str], "ExperimentTracker"] = {}
 
 
-def default_tracking_uri(storage: Path) -> str:
-    return f"sqlite:///{(storage / 'mlflow.db').resolve()}"
-
-
 def read_state(experiment_dir: Path) -> dict[str, Any]:
     path = Path(experiment_dir) / STATE_FILE
     return json.loads(path.read_text()) if path.exists() else {}
 
 
 class ExperimentTracker:
-    def __init__(self, tracking_uri: str, experiment_dir: Path, run_name: str, storage: Path, *, reopen: bool = True):
+    def __init__(self, tracking_uri: str, experiment_dir: Path, run_name: str, *, reopen: bool = True):
         """The experiment's parent run: reopened (set RUNNING) when mlflow.json names one in this store, else
         created. `reopen=False` only attaches to what mlflow.json names (for sending what is unsent)."""
         self.tracking_uri = tracking_uri
@@ -68,36 +65,32 @@ class ExperimentTracker:
                 if state.get("parent_run_id"):
                     self.outbox.set_status(self.parent_key, "RUNNING")
                 else:  # its creation is still in the outbox; asking again finds it rather than duplicating it
-                    self._create_parent(run_name, storage)
+                    self._create_parent(run_name)
         else:
             self.parent_key = new_key()
             self._state = {"tracking_uri": tracking_uri, "experiment_id": None, "parent_run_id": None,
                            "parent_key": self.parent_key, "child_runs": {}, "status": "RUNNING"}
             self._save()
-            self._create_parent(run_name, storage)
+            self._create_parent(run_name)
 
     @classmethod
-    def open(cls, tracking_uri: str, experiment_dir: Path, run_name: str, storage: Path) -> "ExperimentTracker":
+    def open(cls, tracking_uri: str, experiment_dir: Path, run_name: str) -> "ExperimentTracker":
         """This process's tracker for the experiment (created, or reopened from mlflow.json, on first use)."""
         key = (tracking_uri, str(Path(experiment_dir).resolve()))
         if key not in _OPEN:
-            _OPEN[key] = cls(tracking_uri, experiment_dir, run_name, storage)
+            _OPEN[key] = cls(tracking_uri, experiment_dir, run_name)
         return _OPEN[key]
 
     @classmethod
     def attach(cls, experiment_dir: Path) -> "ExperimentTracker":
         """The tracker of an experiment that is not running, to send what it left unsent; starts nothing."""
         state = read_state(experiment_dir)
-        return cls(state["tracking_uri"], experiment_dir, "", Path(experiment_dir).parent, reopen=False)
+        return cls(state["tracking_uri"], experiment_dir, "", reopen=False)
 
-    def _create_parent(self, run_name: str, storage: Path) -> None:
+    def _create_parent(self, run_name: str) -> None:
         self.outbox.create_run(self.parent_key, experiment=MLFLOW_EXPERIMENT, name=run_name,
-                               tags={"vpsde.role": "tuning-experiment"}, reopen=True,
-                               artifact_location=self._artifact_location(storage))
-
-    def _artifact_location(self, storage: Path) -> str | None:
-        # A local SQLite store keeps artifacts beside it under the storage folder, not in the working dir.
-        return (storage / "mlartifacts").resolve().as_uri() if self.tracking_uri.startswith("sqlite") else None
+                               tags={ROLE_TAG: ROLE_TUNING}, reopen=True,
+                               artifact_location=artifact_location(self.tracking_uri))
 
     @property
     def client(self) -> MlflowClient:
@@ -141,12 +134,12 @@ class ExperimentTracker:
     # ---- parent run ----------------------------------------------------------------------------------
     def log_experiment(self, params: dict[str, Any], tags: dict[str, str]) -> None:
         # Params are write-once in MLflow: the outbox sends only those the run does not have yet.
-        self.outbox.log_batch(self.parent_key, params={k: _param(v) for k, v in params.items()}, tags=tags)
+        self.outbox.log_batch(self.parent_key, params={k: param_value(v) for k, v in params.items()}, tags=tags)
 
     def log_summary(self, metrics: dict[str, float], tags: dict[str, str], artifacts: list[Path]) -> None:
         """Metrics and tags on the parent run, and files or folders attached to it."""
         now = now_ms()
-        self.outbox.log_batch(self.parent_key, metrics=[(k, float(v), now, 0) for k, v in metrics.items() if _finite(v)],
+        self.outbox.log_batch(self.parent_key, metrics=[(k, float(v), now, 0) for k, v in metrics.items() if is_finite_number(v)],
                               tags=tags)
         for path in artifacts:
             self.outbox.log_artifact(self.parent_key, Path(path))
@@ -178,9 +171,9 @@ class ExperimentTracker:
         if trial_id not in self._child_keys:
             key = self._child_keys[trial_id] = self._child_key(trial_id)
             self.outbox.create_run(key, experiment=MLFLOW_EXPERIMENT, name=trial_name, parent=self.parent_key,
-                                   find_tags={"trial_id": trial_id}, reopen=True,
-                                   tags={"trial_id": trial_id, "status": "running"},
-                                   params={k: _param(v) for k, v in params.items()})
+                                   find_tags={TRIAL_ID_TAG: trial_id}, reopen=True,
+                                   tags={TRIAL_ID_TAG: trial_id, ROLE_TAG: "trial", "status": "running"},
+                                   params={k: param_value(v) for k, v in params.items()})
         return self.outbox.ref(self._child_keys[trial_id])
 
     def child_run_ids(self) -> dict[str, str]:
@@ -191,7 +184,7 @@ class ExperimentTracker:
             runs = self.outbox.read(lambda client: client.search_runs(
                 [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=10_000), [],
                 what=f"listing the child runs of {parent}")
-            ids.update({r.data.tags["trial_id"]: r.info.run_id for r in runs if "trial_id" in r.data.tags})
+            ids.update({r.data.tags[TRIAL_ID_TAG]: r.info.run_id for r in runs if TRIAL_ID_TAG in r.data.tags})
         return ids
 
     def log_rung(self, run_id: str, result: dict[str, Any]) -> None:
@@ -204,7 +197,7 @@ class ExperimentTracker:
             # resumes the trial from the checkpoint before, and the trial reports that rung again.
             return
         self._last_step[key] = step
-        metrics = [(k, float(result[k]), now, step) for k in METRIC_KEYS if k in result and _finite(result[k])]
+        metrics = [(k, float(result[k]), now, step) for k in METRIC_KEYS if k in result and is_finite_number(result[k])]
         tags = {"reason": str(result["reason"])} if result.get("reason") else {}
         if result.get("precision"):  # what train.precision resolved to on the trial's device
             tags["precision"] = str(result["precision"])
@@ -240,8 +233,8 @@ class MlflowTrialLogger(tune.Callback):
     to MLflow lazily, so after `Tuner.restore` it reopens the same parent run from mlflow.json.
     """
 
-    def __init__(self, tracking_uri: str, experiment_dir: Path, run_name: str, storage: Path, space, max_steps: int):
-        self.settings = (tracking_uri, experiment_dir, run_name, storage)
+    def __init__(self, tracking_uri: str, experiment_dir: Path, run_name: str, space, max_steps: int):
+        self.settings = (tracking_uri, experiment_dir, run_name)
         self.space = space
         self.max_steps = max_steps
         self._tracker: ExperimentTracker | None = None
@@ -304,10 +297,3 @@ def _error_summary(trial) -> str:
         text = []
     return text[-1] if text else "the trial raised an exception (see its error.txt in the experiment folder)"
 
-
-def _param(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -15,7 +15,7 @@ import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -25,12 +25,10 @@ from trials.config import TrialConfig
 from trials.data import MnistData, to_model_space
 from trials.model import UNet, score_fn
 from trials.precision import autocast_forward, resolve_precision, use_cuda_fast_math
-from trials.sde import VPSDE, per_sample
-
-ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from trials.sde import SDE, make_sde, ScoreFn, per_sample
 
 
-def dsm_loss(score: ScoreFn, sde: VPSDE, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def dsm_loss(score: ScoreFn, sde: SDE, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of the per-image sum of (sigma(t) score(x_t, t) + z)^2.
 
     With x_t = alpha x_0 + sigma z the conditional score is -z / sigma, so sigma * score + z is zero for the
@@ -75,7 +73,7 @@ class Trainer:
         if self.device.type == "cuda":
             use_cuda_fast_math()
         self.precision = resolve_precision(cfg.train.precision, self.device)  # "fp32" or "bf16"
-        self.sde = VPSDE(cfg.sde.beta_min, cfg.sde.beta_max, cfg.sde.T)
+        self.sde = make_sde(cfg.sde)
         self.train_images = data.train
         torch.manual_seed(cfg.train.seed)  # model init and dropout
         self.model = UNet(cfg.model).to(self.device)
