@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from trials.cli import EXIT_BAD_INPUT, EXIT_INTERRUPTED, OneLineArgumentParser, UserError, positive_int
+from trials.datasets import DATASETS
 
 PROG = "train.py"
 
@@ -26,7 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", required=True, type=Path, help="TrialConfig YAML, e.g. runs/<name>/best_config.yaml")
     p.add_argument("--steps", type=positive_int, help="training steps (default: the config's train.steps)")
     p.add_argument("--out", type=Path, help="run folder (default: full_run/ next to the config)")
-    p.add_argument("--data", choices=["mnist-5k", "mnist"], help="mnist-5k: embedded 5,000 digits; mnist: torchvision from --data-root")
+    p.add_argument("--data", choices=list(DATASETS), help="; ".join(f"{d.name}: {d.about}" for d in DATASETS.values()))
     p.add_argument("--data-root", help="folder with torchvision's MNIST/ (for --data mnist)")
     p.add_argument("--download", action="store_true", help="let torchvision download MNIST into --data-root")
     p.add_argument("--test-images", type=positive_int,

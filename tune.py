@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from trials.cli import EXIT_BAD_INPUT, OneLineArgumentParser, UserError, positive_float, positive_int
+from trials.datasets import DATASETS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -24,7 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-concurrent", type=positive_int, help="trials running at once (overrides the space)")
     p.add_argument("--seed", type=int, help="searcher seed (overrides the space)")
     p.add_argument("--top-k", type=positive_int, help="trials re-scored at accurate fidelity after the search")
-    p.add_argument("--data", choices=["mnist-5k", "mnist"], help="mnist-5k: embedded 5,000 digits; mnist: torchvision from --data-root")
+    p.add_argument("--data", choices=list(DATASETS), help="; ".join(f"{d.name}: {d.about}" for d in DATASETS.values()))
     p.add_argument("--data-root", help="folder with torchvision's MNIST/ (for --data mnist)")
     p.add_argument("--download", action="store_true", help="let torchvision download MNIST into --data-root")
     p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<storage>/mlflow.db)")

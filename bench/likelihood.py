@@ -43,7 +43,7 @@ from scipy import integrate, stats
 from trials.config import EvalConfig, FidelityConfig, TrialConfig
 from trials.data import load_data
 from trials.likelihood import LikelihoodEvaluator, ScoreFn, bits_per_dim, log_likelihood
-from trials.model import UNet, count_parameters, score_fn
+from trials.model import count_parameters, score_fn, unet_for
 from trials.sde import SDE, make_sde
 from trials.trainer import Trainer
 
@@ -101,7 +101,7 @@ def trained_snapshots(steps: list[int], data, cache: Path | None) -> tuple[Trial
         if saved["config"] == cfg.to_dict() and set(steps) <= set(saved["weights"]):
             snapshots = {}
             for step in steps:
-                model = UNet(cfg.model)
+                model = unet_for(cfg)
                 model.load_state_dict(saved["weights"][step])
                 snapshots[step] = model.eval()
             print(f"loaded {len(steps)} snapshots from {cached}", flush=True)

@@ -37,7 +37,7 @@ import torch
 from trials.config import TrialConfig, read_yaml, set_dotted
 from trials.data import load_data
 from trials.likelihood import LikelihoodEvaluator
-from trials.model import UNet, count_parameters, score_fn
+from trials.model import count_parameters, score_fn, unet_for
 from trials.precision import autocast_forward
 from trials.sde import make_sde
 from trials.trainer import Trainer
@@ -108,7 +108,7 @@ def score_in(name: str, state: dict, setting: str, precision: str) -> dict:
     torch.set_num_threads(1)
     cfg = config(name, 0, "fp32")
     data = load_data(cfg.data)
-    model = UNet(cfg.model)
+    model = unet_for(cfg)
     model.load_state_dict(state)
     model.eval()
     sde = make_sde(cfg.sde)

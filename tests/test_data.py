@@ -1,9 +1,13 @@
 """The embedded mnist-5k data, the stratified split and the torchvision source's error messages."""
 
+import dataclasses
+
 import pytest
+
 import torch
 
 from trials.config import DataConfig
+from trials.datasets import DATASETS
 from trials.data import DataError, load_data, stratified_split, to_model_space
 
 
@@ -88,7 +92,8 @@ def test_fake_mnist_root_is_read_and_split(tmp_path, monkeypatch):
 
     train_images = write("train", 6000)
     write("t10k", 100)
-    monkeypatch.setattr("trials.data.MNIST_VAL", 500)  # the real 5,000 of 60,000, scaled to 6,000 images
+    # the real 5,000 of 60,000, scaled to 6,000 images
+    monkeypatch.setitem(DATASETS, "mnist", dataclasses.replace(DATASETS["mnist"], val_images=500))
     data = load_data(DataConfig(name="mnist", root=str(tmp_path)))
     assert data.train.shape == (5500, 1, 28, 28) and data.val.shape == (500, 1, 28, 28)
     assert data.test.shape == (100, 1, 28, 28) and not data.test_is_val

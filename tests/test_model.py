@@ -17,7 +17,7 @@ from trials.sde import VPSDE
 def make_unet(seed: int = 0, perturb: bool = True, **cfg) -> UNet:
     """A small UNet; `perturb` adds noise to every weight so the zero-initialised layers stop hiding the rest."""
     torch.manual_seed(seed)
-    model = UNet(ModelConfig(**{"ch": 8, "num_res_blocks": 1, **cfg}))
+    model = UNet(ModelConfig(**{"ch": 8, "num_res_blocks": 1, **cfg}), channels=1, image_size=28)
     if perturb:
         with torch.no_grad():
             for p in model.parameters():

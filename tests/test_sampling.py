@@ -27,7 +27,7 @@ from PIL import Image
 
 from trials.config import TrialConfig
 from trials.data import MnistData
-from trials.model import UNet, score_fn
+from trials.model import UNet, score_fn, unet_for
 from trials.odesolve import ODEFailure
 from trials.sampling import (
     langevin_correct, main, ode_sample, pc_sample, save_grid, to_image_range,
@@ -298,7 +298,7 @@ def test_denoise_leaves_out_exactly_the_last_steps_noise():
 
 def tiny_unet(seed: int = 0) -> UNet:
     torch.manual_seed(seed)
-    model = UNet(TrialConfig.from_dict(TINY_CONFIG).model)
+    model = unet_for(TrialConfig.from_dict(TINY_CONFIG))
     with torch.no_grad():  # the zero-initialised output layers would otherwise make the score exactly 0
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))

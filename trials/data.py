@@ -22,9 +22,7 @@ import torch
 
 from trials.cli import UserError
 from trials.config import DataConfig
-
-MNIST_5K_VAL = 500
-MNIST_VAL = 5_000
+from trials.datasets import DATASETS
 
 
 class DataError(UserError, RuntimeError):
@@ -78,18 +76,16 @@ def stratified_split(labels: torch.Tensor, n_val: int, seed: int) -> tuple[torch
 
 
 def load_data(cfg: DataConfig) -> MnistData:
-    if cfg.name == "mnist-5k":
-        images, labels = _read_mnist_5k()
-        train_idx, val_idx = stratified_split(labels, MNIST_5K_VAL, cfg.split_seed)
-        val, val_labels = images[val_idx], labels[val_idx]
-        return MnistData("mnist-5k", images[train_idx], labels[train_idx], val, val_labels,
-                         val, val_labels, test_is_val=True)
-    if cfg.name == "mnist":
-        (images, labels), (test, test_labels) = _read_torchvision_mnist(cfg.root, cfg.download)
-        train_idx, val_idx = stratified_split(labels, MNIST_VAL, cfg.split_seed)
-        return MnistData("mnist", images[train_idx], labels[train_idx], images[val_idx], labels[val_idx],
-                         test, test_labels, test_is_val=False)
-    raise DataError(f"data.name: unknown data source {cfg.name!r} (use 'mnist-5k' or 'mnist')")
+    """The dataset `cfg.name` names (a row of trials.datasets.DATASETS), split as its row says."""
+    if cfg.name not in DATASETS:
+        raise DataError(f"data.name: unknown data source {cfg.name!r} (use one of {', '.join(DATASETS)})")
+    dataset = DATASETS[cfg.name]
+    (images, labels), test = _READERS[cfg.name](cfg)
+    train_idx, val_idx = stratified_split(labels, dataset.val_images, cfg.split_seed)
+    val, val_labels = images[val_idx], labels[val_idx]
+    test_images, test_labels = test if dataset.has_test_split else (val, val_labels)
+    return MnistData(cfg.name, images[train_idx], labels[train_idx], val, val_labels, test_images, test_labels,
+                     test_is_val=not dataset.has_test_split)
 
 
 def _read_mnist_5k() -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,3 +125,15 @@ def _read_torchvision_mnist(root: str | None, download: bool):
             raise DataError(f"MNIST root {root!r}: unexpected image tensor {tuple(images.shape)} {images.dtype}")
         splits.append((images.unsqueeze(1).contiguous(), ds.targets.long()))
     return splits[0], splits[1]
+
+
+def _read_embedded_mnist_5k(cfg: DataConfig):
+    return _read_mnist_5k(), None
+
+
+def _read_mnist(cfg: DataConfig):
+    return _read_torchvision_mnist(cfg.root, cfg.download)
+
+
+# The pixel readers of trials.datasets' rows: (images, labels) to split, and the test set when it has one.
+_READERS = {"mnist-5k": _read_embedded_mnist_5k, "mnist": _read_mnist}

@@ -32,7 +32,7 @@ import torch
 import yaml
 
 from trials.cli import UserError, first_line
-from trials.config import IMAGE_SIZE, ConfigError, EvalConfig, TrialConfig
+from trials.config import ConfigError, EvalConfig, TrialConfig
 from trials.data import MnistData, load_data
 from trials.likelihood import LikelihoodEvaluator
 from trials.files import atomic_write_text
@@ -310,7 +310,7 @@ def sample_pc(trainer: Trainer, score, path: Path, log: Log = print) -> dict[str
             log(progress.line(step, "predictor steps"))
 
     start = time.perf_counter()
-    x = pc_sample(score, trainer.sde, (sc.n_images, 1, IMAGE_SIZE, IMAGE_SIZE), eps=cfg.sde.sampling_eps,
+    x = pc_sample(score, trainer.sde, cfg.dataset.batch_shape(sc.n_images), eps=cfg.sde.sampling_eps,
                   steps=sc.pc_steps, corrector_steps=sc.corrector_steps, snr=sc.snr, generator=generator,
                   device=trainer.device, progress=report)
     seconds = time.perf_counter() - start
@@ -331,7 +331,7 @@ def sample_ode(trainer: Trainer, score, path: Path, log: Log = print) -> dict[st
     start = time.perf_counter()
     try:
         x, nfe = ode_sample(ScoreProgress(score, trainer.sde, cfg.sde.sampling_eps, "  ODE sampling", log,
-                                          every=PROGRESS_EVERY_S), trainer.sde, (sc.n_images, 1, IMAGE_SIZE, IMAGE_SIZE), eps=cfg.sde.sampling_eps,
+                                          every=PROGRESS_EVERY_S), trainer.sde, cfg.dataset.batch_shape(sc.n_images), eps=cfg.sde.sampling_eps,
                             rtol=sc.ode_rtol, atol=sc.ode_atol, method=sc.ode_method, frame=sc.ode_frame,
                             generator=generator, device=trainer.device)
     except ODEFailure as exc:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trials.config import ModelConfig
+from trials.config import ModelConfig, TrialConfig
 from trials.sde import SDE, per_sample
 
 
@@ -86,13 +86,15 @@ class AttnBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """The noise predictor for images of `channels` x `image_size` x `image_size` (a trials.datasets row)."""
+
+    def __init__(self, cfg: ModelConfig, channels: int, image_size: int):
         super().__init__()
-        ch, temb_dim, resolutions = cfg.ch, 4 * cfg.ch, cfg.resolutions()
+        ch, temb_dim, resolutions = cfg.ch, 4 * cfg.ch, cfg.resolutions(image_size)
         attn = set(cfg.attn_resolutions)
         self.ch = ch
         self.temb = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim), nn.SiLU())
-        self.conv_in = nn.Conv2d(1, ch, 3, padding=1)
+        self.conv_in = nn.Conv2d(channels, ch, 3, padding=1)
 
         # Down path; `skip_chs` records the channels of every feature map the up path will concatenate.
         self.down, skip_chs, cur = nn.ModuleList(), [ch], ch
@@ -127,7 +129,7 @@ class UNet(nn.Module):
         assert not skip_chs  # every skip connection is consumed exactly once
 
         self.norm_out = group_norm(cur)
-        self.conv_out = zero_init(nn.Conv2d(cur, 1, 3, padding=1))
+        self.conv_out = zero_init(nn.Conv2d(cur, channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         temb = self.temb(timestep_embedding(t, self.ch).to(x.dtype))
@@ -149,6 +151,11 @@ class UNet(nn.Module):
             if stage.upsample is not None:
                 h = stage.upsample(F.interpolate(h, scale_factor=2.0, mode="nearest"))
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def unet_for(cfg: TrialConfig) -> UNet:
+    """The UNet a trial config describes, for the images of its dataset."""
+    return UNet(cfg.model, cfg.dataset.channels, cfg.dataset.image_size)
 
 
 def score_fn(model: nn.Module, sde: SDE) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

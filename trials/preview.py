@@ -26,7 +26,6 @@ from typing import Any, Callable
 
 import torch
 
-from trials.config import IMAGE_SIZE
 from trials.model import score_fn
 from trials.odesolve import ODEFailure
 from trials.progress import ScoreProgress
@@ -66,7 +65,7 @@ def draw_grid(checkpoint: str | Path, out: str | Path, *, n: int = 36, rtol: flo
         score = ScoreProgress(score, sde, eps, "ODE sampling", report, every=PROGRESS_EVERY_S)
     generator = torch.Generator(device=dev).manual_seed(seed)
     start = time.perf_counter()
-    x, nfe = ode_sample(score, sde, (n, 1, IMAGE_SIZE, IMAGE_SIZE), eps=eps, rtol=rtol, atol=atol,
+    x, nfe = ode_sample(score, sde, cfg.dataset.batch_shape(n), eps=eps, rtol=rtol, atol=atol,
                         method=cfg.sample.ode_method, frame=cfg.sample.ode_frame, generator=generator, device=dev)
     seconds = time.perf_counter() - start
     save_grid(x, out, cfg.data.centered)

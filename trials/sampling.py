@@ -28,7 +28,6 @@ from typing import Callable
 import torch
 
 from trials.cli import first_line
-from trials.config import IMAGE_SIZE
 from trials.odesolve import ODEFailure, solve
 from trials.sde import SDE, make_sde, FlowFrame, ScoreFn, per_sample
 
@@ -222,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     sc = cfg.sample
     n = args.n if args.n is not None else sc.n_images
     generator = torch.Generator(device=device).manual_seed(sc.seed if args.seed is None else args.seed)
-    shape = (n, 1, IMAGE_SIZE, IMAGE_SIZE)
+    shape = cfg.dataset.batch_shape(n)
     score = score_fn(model, sde)
     start = time.perf_counter()
     if args.sampler == "pc":

@@ -23,7 +23,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from trials.config import TrialConfig
 from trials.data import MnistData, to_model_space
-from trials.model import UNet, score_fn
+from trials.model import score_fn, unet_for
 from trials.precision import autocast_forward, resolve_precision, use_cuda_fast_math
 from trials.sde import SDE, make_sde, ScoreFn, per_sample
 
@@ -76,7 +76,7 @@ class Trainer:
         self.sde = make_sde(cfg.sde)
         self.train_images = data.train
         torch.manual_seed(cfg.train.seed)  # model init and dropout
-        self.model = UNet(cfg.model).to(self.device)
+        self.model = unet_for(cfg).to(self.device)
         self.ema = (AveragedModel(self.model, multi_avg_fn=ema_avg_fn(cfg.train.ema_decay), use_buffers=True)
                     if cfg.train.ema_decay > 0 else None)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr)
@@ -220,7 +220,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def eval_model_from_checkpoint(ckpt: dict[str, Any], device: torch.device | str = "cpu") -> tuple[TrialConfig, nn.Module]:
     """Rebuild the evaluation weights (EMA when saved) of a checkpoint without an optimiser or data."""
     cfg = TrialConfig.from_dict(ckpt["config"])
-    model = UNet(cfg.model)
+    model = unet_for(cfg)
     if ckpt.get("ema") is not None:
         # AveragedModel's state dict holds the wrapped module under "module." plus its counter.
         model.load_state_dict({k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")})
