@@ -25,13 +25,12 @@ import pytest
 import torch
 from PIL import Image
 
-from trials.config import TrialConfig
+from trials.config import SampleConfig, TrialConfig
 from trials.data import MnistData
 from trials.model import UNet, score_fn, unet_for
 from trials.odesolve import ODEFailure
-from trials.sampling import (
-    langevin_correct, main, ode_sample, pc_sample, save_grid, to_image_range,
-)
+from sample import main
+from trials.sampling import SAMPLERS, langevin_correct, ode_sample, pc_sample, save_grid, to_image_range
 from trials.sde import SubVPSDE, VPSDE, gaussian_marginal, gaussian_score
 from trials.trainer import Trainer
 
@@ -366,7 +365,8 @@ def test_cli_writes_the_grid(checkpoint, tmp_path, capsys, sampler):
     with Image.open(out) as image:
         assert image.size == (2 * 30 + 2, 2 * 30 + 2)  # 4 images, 2 per row
     printed = capsys.readouterr().out
-    assert ("score evaluations" if sampler == "pc" else "function evaluations") in printed
+    assert printed.startswith(f"{sampler}: 4 images, ") and "score evaluations" in printed
+    assert ("corrector_steps 1" if sampler == "pc" else "frame logsnr") in printed  # the settings it drew with
 
 
 def one_line_error(capsys) -> str:
@@ -393,8 +393,8 @@ def test_cli_rejects_a_bad_n_in_one_line(checkpoint, tmp_path, capsys, n):
     assert "--n" in one_line_error(capsys)
 
 
-def test_cli_as_a_module_exits_2_without_a_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "trials.sampling", "--checkpoint", str(tmp_path / "none.pt"),
+def test_sample_py_exits_2_without_a_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "sample.py", "--checkpoint", str(tmp_path / "none.pt"),
                            "--out", str(tmp_path / "g.png")], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 2
@@ -412,3 +412,25 @@ def test_the_ode_sampler_maps_the_prior_exactly_under_the_sub_vp_sde(frame):
     mean_eps, std_eps = gaussian_marginal(sde, MEAN, STD, torch.tensor([EPS]))
     mean_T, std_T = gaussian_marginal(sde, MEAN, STD, torch.tensor([sde.T]))
     torch.testing.assert_close(x, mean_eps + std_eps / std_T * (x_T - mean_T), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["pc", "ode"])
+def test_every_sampler_has_one_shape_and_draws_with_its_config(name):
+    # The table's samplers take the same arguments and return Samples; their settings come from SampleConfig,
+    # and the images equal those of the underlying function with those settings (same generator seed).
+    sc = SampleConfig(pc_steps=7, corrector_steps=1, ode_rtol=1e-4, ode_atol=1e-4)
+    shape, lines = (8, 1, 4, 4), []
+    samples = SAMPLERS[name].draw(exact_score(), SDE, shape, eps=EPS, sample=sc,
+                                  generator=torch.Generator().manual_seed(1), report=lines.append, every=0.0)
+    assert samples.x.shape == shape and torch.isfinite(samples.x).all()
+    if name == "pc":
+        expected = pc_sample(exact_score(), SDE, shape, eps=EPS, steps=7, corrector_steps=1, snr=sc.snr,
+                             generator=torch.Generator().manual_seed(1))
+        assert samples.nfe == 7 * 2 and SAMPLERS[name].settings(sc)["steps"] == 7
+        assert len(lines) == 6 and all("left)" in line for line in lines)  # a line per step but the last
+    else:
+        expected, nfe = ode_sample(exact_score(), SDE, shape, eps=EPS, rtol=1e-4, atol=1e-4,
+                                   generator=torch.Generator().manual_seed(1))
+        assert samples.nfe == nfe and SAMPLERS[name].settings(sc)["frame"] == "logsnr"
+        assert lines and all(line.startswith("  ODE sampling ") for line in lines)
+    torch.testing.assert_close(samples.x, expected, rtol=0, atol=0)

@@ -37,8 +37,8 @@ from trials.data import MnistData, load_data
 from trials.likelihood import LikelihoodEvaluator
 from trials.files import atomic_write_text
 from trials.odesolve import ODEFailure
-from trials.progress import Progress, ScoreProgress
-from trials.sampling import ode_sample, pc_sample, save_grid
+from trials.progress import Progress
+from trials.sampling import SAMPLERS, save_grid
 from trials.trainer import Trainer, load_checkpoint, resolve_device
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -272,9 +272,9 @@ def finish(plan: FullRunPlan, outcome: TrainOutcome, log: Log = print) -> dict[s
             if not bpd.failed else f"  failed: {bpd.reason}")
         if bpd.flagged and not bpd.failed:
             log(f"  warning: {bpd.reason}")
-        pc = sample_pc(trainer, score, plan.out_dir / PC_GRID, log)
+        pc = draw_samples(trainer, score, "pc", plan.out_dir / PC_GRID, log)
         log(f"PC samples: {pc['n_images']} images, {pc['nfe']} score evaluations, {pc['seconds']:.1f} s -> {pc['file']}")
-        ode = sample_ode(trainer, score, plan.out_dir / ODE_GRID, log)
+        ode = draw_samples(trainer, score, "ode", plan.out_dir / ODE_GRID, log)
         log(f"ODE samples: {ode['n_images']} images, NFE {ode['nfe']}, {ode['seconds']:.1f} s -> {ode['file']}"
             if not ode["failed"] else f"ODE samples failed: {ode['reason']}")
     val_dsm = trainer.val_dsm()
@@ -300,47 +300,29 @@ def finish(plan: FullRunPlan, outcome: TrainOutcome, log: Log = print) -> dict[s
     return metrics
 
 
-def sample_pc(trainer: Trainer, score, path: Path, log: Log = print) -> dict[str, Any]:
+def draw_samples(trainer: Trainer, score, sampler: str, path: Path, log: Log = print) -> dict[str, Any]:
+    """A grid from one of trials.sampling.SAMPLERS, with its settings, cost and progress lines.
+
+    An ODE the solver cannot finish is recorded, not raised, so the run keeps its other results (an ODE
+    that cannot be solved is itself a finding about the model).
+    """
     cfg, sc = trainer.cfg, trainer.cfg.sample
-    generator = torch.Generator(device=trainer.device).manual_seed(sc.seed)
-    progress = Progress("  PC sampling", sc.pc_steps, every=PROGRESS_EVERY_S)
-
-    def report(step: int, steps: int) -> None:
-        if step < steps and progress.due():
-            log(progress.line(step, "predictor steps"))
-
-    start = time.perf_counter()
-    x = pc_sample(score, trainer.sde, cfg.dataset.batch_shape(sc.n_images), eps=cfg.sde.sampling_eps,
-                  steps=sc.pc_steps, corrector_steps=sc.corrector_steps, snr=sc.snr, generator=generator,
-                  device=trainer.device, progress=report)
-    seconds = time.perf_counter() - start
-    save_grid(x, path, cfg.data.centered)
-    return {"file": path.name, "n_images": sc.n_images, "steps": sc.pc_steps, "corrector_steps": sc.corrector_steps,
-            "snr": sc.snr, "eps": cfg.sde.sampling_eps, "seed": sc.seed, "nfe": sc.pc_steps * (1 + sc.corrector_steps),
-            "seconds": seconds, "finite": bool(torch.isfinite(x).all())}
-
-
-def sample_ode(trainer: Trainer, score, path: Path, log: Log = print) -> dict[str, Any]:
-    """Probability-flow ODE samples; a solver that gives up is recorded, not raised, so the run keeps its
-    other results (an ODE that cannot be solved is itself a finding about the model)."""
-    cfg, sc = trainer.cfg, trainer.cfg.sample
-    generator = torch.Generator(device=trainer.device).manual_seed(sc.seed)
-    settings = {"file": path.name, "n_images": sc.n_images, "rtol": sc.ode_rtol, "atol": sc.ode_atol,
-                "method": sc.ode_method, "frame": sc.ode_frame, "denoise": True, "eps": cfg.sde.sampling_eps,
+    chosen = SAMPLERS[sampler]
+    settings = {"file": path.name, "n_images": sc.n_images, **chosen.settings(sc), "eps": cfg.sde.sampling_eps,
                 "seed": sc.seed}
+    generator = torch.Generator(device=trainer.device).manual_seed(sc.seed)
     start = time.perf_counter()
     try:
-        x, nfe = ode_sample(ScoreProgress(score, trainer.sde, cfg.sde.sampling_eps, "  ODE sampling", log,
-                                          every=PROGRESS_EVERY_S), trainer.sde, cfg.dataset.batch_shape(sc.n_images), eps=cfg.sde.sampling_eps,
-                            rtol=sc.ode_rtol, atol=sc.ode_atol, method=sc.ode_method, frame=sc.ode_frame,
-                            generator=generator, device=trainer.device)
+        samples = chosen.draw(score, trainer.sde, cfg.dataset.batch_shape(sc.n_images), eps=cfg.sde.sampling_eps,
+                              sample=sc, generator=generator, device=trainer.device, report=log,
+                              every=PROGRESS_EVERY_S)
     except ODEFailure as exc:
         return {**settings, "file": None, "nfe": None, "seconds": time.perf_counter() - start, "failed": True,
                 "reason": str(exc)}
     seconds = time.perf_counter() - start
-    save_grid(x, path, cfg.data.centered)
-    return {**settings, "nfe": nfe, "seconds": seconds, "finite": bool(torch.isfinite(x).all()), "failed": False,
-            "reason": None}
+    save_grid(samples.x, path, cfg.data.centered)
+    return {**settings, "nfe": samples.nfe, "seconds": seconds, "finite": bool(torch.isfinite(samples.x).all()),
+            "failed": False, "reason": None}
 
 
 def output_files(plan: FullRunPlan, metrics: dict[str, Any]) -> list[Path]:

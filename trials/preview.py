@@ -17,6 +17,7 @@ NFE and the seconds on stdout.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -28,8 +29,7 @@ import torch
 
 from trials.model import score_fn
 from trials.odesolve import ODEFailure
-from trials.progress import ScoreProgress
-from trials.sampling import ode_sample, save_grid
+from trials.sampling import SAMPLERS, save_grid
 from trials.sde import make_sde
 from trials.trainer import eval_model_from_checkpoint, load_checkpoint, resolve_device
 
@@ -60,18 +60,15 @@ def draw_grid(checkpoint: str | Path, out: str | Path, *, n: int = 36, rtol: flo
     cfg, model = eval_model_from_checkpoint(ckpt, dev)
     sde = make_sde(cfg.sde)
     eps = cfg.sde.sampling_eps
-    score = score_fn(model, sde)
-    if report is not None:
-        score = ScoreProgress(score, sde, eps, "ODE sampling", report, every=PROGRESS_EVERY_S)
+    loose = dataclasses.replace(cfg.sample, ode_rtol=rtol, ode_atol=atol)
     generator = torch.Generator(device=dev).manual_seed(seed)
     start = time.perf_counter()
-    x, nfe = ode_sample(score, sde, cfg.dataset.batch_shape(n), eps=eps, rtol=rtol, atol=atol,
-                        method=cfg.sample.ode_method, frame=cfg.sample.ode_frame, generator=generator, device=dev)
+    samples = SAMPLERS["ode"].draw(score_fn(model, sde), sde, cfg.dataset.batch_shape(n), eps=eps, sample=loose,
+                                   generator=generator, device=dev, report=report, every=PROGRESS_EVERY_S)
     seconds = time.perf_counter() - start
-    save_grid(x, out, cfg.data.centered)
-    return {"n_images": n, "sampler": "probability-flow ODE", "method": cfg.sample.ode_method,
-            "frame": cfg.sample.ode_frame, "denoise": True, "rtol": rtol,
-            "atol": atol, "eps": eps, "seed": seed, "nfe": int(nfe), "seconds": seconds, "device": str(dev),
+    save_grid(samples.x, out, cfg.data.centered)
+    return {"n_images": n, "sampler": "probability-flow ODE", **SAMPLERS["ode"].settings(loose), "eps": eps,
+            "seed": seed, "nfe": int(samples.nfe), "seconds": seconds, "device": str(dev),
             "step": int(ckpt.get("step", 0)), "checkpoint": str(path), "out": str(out)}
 
 

@@ -12,24 +12,23 @@ Both samplers start from the prior N(0, I) at t = T and run time backwards to t 
 in eval mode first), or the closed-form `trials.sde.gaussian_score` that the tests use. The functions here
 are pure: no files, no global state; randomness comes only from the `generator` passed in.
 
-Run as a script to sample from a checkpoint written by trials.trainer:
-    python -m trials.sampling --checkpoint ckpt.pt --sampler pc|ode --n 64 --out grid.png [--steps N]
+`SAMPLERS` gives both one shape (`Sampler.draw` -> `Samples`), with settings from a SampleConfig; the full
+run, the report's preview and `python sample.py` (a checkpoint to a grid) draw through it.
 """
 
 from __future__ import annotations
 
 import math
-import re
-import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
-from trials.cli import first_line
-from trials.odesolve import ODEFailure, solve
-from trials.sde import SDE, make_sde, FlowFrame, ScoreFn, per_sample
+from trials.config import SampleConfig
+from trials.odesolve import solve
+from trials.progress import Progress, ScoreProgress
+from trials.sde import SDE, FlowFrame, ScoreFn, per_sample
 
 
 def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -160,6 +159,62 @@ def ode_sample(score: ScoreFn, sde: SDE, shape: tuple[int, ...], *, eps: float, 
     return x, field.nfe
 
 
+# ---- one shape for every sampler ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Samples:
+    x: torch.Tensor  # the images, in model space
+    nfe: int  # score evaluations spent
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A sampler as the full run, the report preview and sample.py use it.
+
+    `draw(score, sde, shape, *, eps, sample, generator, device, report)` takes its settings from a
+    SampleConfig and sends a progress line with the time left to `report` (when given) at most every
+    `every` seconds; `settings(sample)` is what is recorded beside the images. It raises
+    trials.odesolve.ODEFailure when an ODE cannot be solved.
+    """
+
+    name: str
+    about: str
+    draw: Callable[..., Samples]
+    settings: Callable[[SampleConfig], dict[str, Any]]
+
+
+def draw_pc(score: ScoreFn, sde: SDE, shape: tuple[int, ...], *, eps: float, sample: SampleConfig,
+            generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+            report: Callable[[str], None] | None = None, every: float = 10.0) -> Samples:
+    progress = Progress("  PC sampling", sample.pc_steps, every=every)
+
+    def step_done(step: int, steps: int) -> None:
+        if report is not None and step < steps and progress.due():
+            report(progress.line(step, "predictor steps"))
+
+    x = pc_sample(score, sde, shape, eps=eps, steps=sample.pc_steps, corrector_steps=sample.corrector_steps,
+                  snr=sample.snr, generator=generator, device=device, progress=step_done)
+    return Samples(x, sample.pc_steps * (1 + sample.corrector_steps))
+
+
+def draw_ode(score: ScoreFn, sde: SDE, shape: tuple[int, ...], *, eps: float, sample: SampleConfig,
+             generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+             report: Callable[[str], None] | None = None, every: float = 10.0) -> Samples:
+    if report is not None:
+        score = ScoreProgress(score, sde, eps, "  ODE sampling", report, every=every)
+    x, nfe = ode_sample(score, sde, shape, eps=eps, rtol=sample.ode_rtol, atol=sample.ode_atol,
+                        method=sample.ode_method, frame=sample.ode_frame, generator=generator, device=device)
+    return Samples(x, nfe)
+
+
+SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
+    Sampler("pc", "reverse-SDE predictor-corrector (Euler-Maruyama + Langevin), denoised last step", draw_pc,
+            lambda sc: {"steps": sc.pc_steps, "corrector_steps": sc.corrector_steps, "snr": sc.snr}),
+    Sampler("ode", "probability-flow ODE (adaptive solver, logsnr frame by default) + a denoising step", draw_ode,
+            lambda sc: {"rtol": sc.ode_rtol, "atol": sc.ode_atol, "method": sc.ode_method, "frame": sc.ode_frame,
+                        "denoise": True}),
+)}
+
+
 # ---- images --------------------------------------------------------------------------------------------------
 def to_image_range(x: torch.Tensor, centered: bool) -> torch.Tensor:
     """Model space ([0, 1], or [-1, 1] when centered) to pixel intensities in [0, 1], clamped."""
@@ -177,72 +232,3 @@ def save_grid(x: torch.Tensor, path: str | Path, centered: bool, nrow: int | Non
 
 
 # ---- command line --------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
-    # Imported here: the samplers above need neither the network nor the trainer.
-    from trials.cli import OneLineArgumentParser, positive_int
-    from trials.model import score_fn
-    from trials.trainer import eval_model_from_checkpoint, load_checkpoint, resolve_device
-
-    parser = OneLineArgumentParser(prog="python -m trials.sampling",
-                                    description="Sample an image grid from a trials.trainer checkpoint.")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint written by trials.trainer")
-    parser.add_argument("--sampler", choices=("pc", "ode"), default="pc")
-    parser.add_argument("--n", type=positive_int, default=None, help="images (default: sample.n_images)")
-    parser.add_argument("--out", required=True, help="PNG file for the grid")
-    parser.add_argument("--steps", type=positive_int, default=None,
-                        help="PC predictor steps (default: sample.pc_steps)")
-    parser.add_argument("--seed", type=int, default=None, help="default: sample.seed")
-    parser.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda:N'")
-    args = parser.parse_args(argv)
-
-    def fail(message: str) -> int:
-        print(f"{parser.prog}: error: {message}", file=sys.stderr)
-        return 2
-
-    path = Path(args.checkpoint)
-    if args.steps is not None and args.sampler == "ode":
-        return fail("--steps applies to --sampler pc; the ODE solver chooses its own steps")
-    if not path.is_file():
-        return fail(f"checkpoint not found: {path}")
-    if not Path(args.out).parent.is_dir():
-        return fail(f"output folder does not exist: {Path(args.out).parent}")
-    if not (args.device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", args.device)):
-        return fail(f"--device: must be 'auto', 'cpu' or 'cuda[:N]', got {args.device!r}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        return fail(f"--device {args.device}: CUDA is not available on this machine")
-    device = resolve_device(args.device)
-    try:
-        ckpt = load_checkpoint(path, map_location=device)
-        cfg, model = eval_model_from_checkpoint(ckpt, device)
-    except Exception as exc:  # unpickling, missing keys, mismatched weights: all mean "not our checkpoint"
-        return fail(f"{path} is not a trials.trainer checkpoint ({type(exc).__name__}: {first_line(exc)})")
-
-    sde = make_sde(cfg.sde)
-    sc = cfg.sample
-    n = args.n if args.n is not None else sc.n_images
-    generator = torch.Generator(device=device).manual_seed(sc.seed if args.seed is None else args.seed)
-    shape = cfg.dataset.batch_shape(n)
-    score = score_fn(model, sde)
-    start = time.perf_counter()
-    if args.sampler == "pc":
-        steps = args.steps if args.steps is not None else sc.pc_steps
-        x = pc_sample(score, sde, shape, eps=cfg.sde.sampling_eps, steps=steps,
-                      corrector_steps=sc.corrector_steps, snr=sc.snr, generator=generator, device=device)
-        cost = f"{steps} steps x (1 + {sc.corrector_steps} corrector) = {steps * (1 + sc.corrector_steps)} score evaluations"
-    else:
-        try:
-            x, nfe = ode_sample(score, sde, shape, eps=cfg.sde.sampling_eps, rtol=sc.ode_rtol, atol=sc.ode_atol,
-                                method=sc.ode_method, frame=sc.ode_frame, generator=generator, device=device)
-        except ODEFailure as exc:
-            print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-            return 1
-        cost = (f"{nfe} function evaluations ({sc.ode_frame} {sc.ode_method}, rtol {sc.ode_rtol:g}, "
-                f"atol {sc.ode_atol:g})")
-    seconds = time.perf_counter() - start
-    save_grid(x, args.out, cfg.data.centered)
-    print(f"{args.sampler}: {n} images, {cost}, {seconds:.1f} s ({seconds / n:.3f} s/image) -> {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
