@@ -72,8 +72,7 @@ def replay_strategies(space, table, grace: int, rf: int) -> dict:
     from ray.tune.search.optuna import OptunaSearch
 
     from bench.replay import Strategy
-    from tuner.searcher import OptunaSearcher, make_sampler
-    from tuner.space import METRIC, MODE
+    from tuner.searcher import METRIC, MODE, OptunaSearcher, make_sampler
 
     full = table.full_steps
     startup = space.search.startup_trials

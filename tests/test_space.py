@@ -89,7 +89,7 @@ BAD = [
     (variant(fixed__train__lrate=0.1), "fixed.train.lrate: unknown key"),
     (variant(fixed__model__ch="wide"), "fixed.model.ch: must be an integer"),
     (variant(search__algorithm="bayes"), "search.algorithm: must be one of tpe, gp, random"),
-    (variant(search__scheduler="pbt"), "search.scheduler: must be 'asha' or 'fifo'"),
+    (variant(search__scheduler="pbt"), "search.scheduler: must be one of asha, fifo"),
     (variant(search__num_samples=0), "search.num_samples: must be >= 1"),
     (variant(search__num_samples="many"), "search.num_samples: must be an integer"),
     (variant(search__patience=3), "search.patience: unknown key"),

@@ -30,8 +30,6 @@ from typing import Any
 
 import ray
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from ray.tune.search import ConcurrencyLimiter
 
 from trials.cli import EXIT_INTERRUPTED, UserError
 from trials.data import load_data
@@ -41,9 +39,9 @@ from tuner import cpu_only
 from tuner.export import Export, rank_candidates, trials_table, write_outputs
 from trials.progress import Progress
 from tuner.report import SAMPLE_SETTINGS, build_report, save_space
-from tuner.searcher import STUDY_FILE, OptunaSearcher, make_sampler, optuna_storage
+from tuner.searcher import METRIC, MODE, STUDY_FILE, build_search
 from tuner.outbox import EXIT_TRACKING_INCOMPLETE
-from tuner.space import METRIC, MODE, SearchSpace, load_space
+from tuner.space import SearchSpace, load_space
 from tuner.sync import complete_experiment
 from tuner.mlflow_runs import default_tracking_uri
 from tuner.tracking import ExperimentTracker, MlflowTrialLogger, read_state, trial_status
@@ -105,7 +103,7 @@ def with_cli_overrides(space: SearchSpace, options: TuneOptions) -> SearchSpace:
         data["download"] = True
     fixed["data"] = data
     space = dataclasses.replace(space, name=options.name or space.name, search=search, fixed=fixed)
-    space.base_config  # re-validate: --data mnist without --data-root is caught here, before Ray starts
+    space.check()  # --data mnist without --data-root is caught here, before Ray starts
     return space
 
 
@@ -277,22 +275,10 @@ def _check_cpu_only(space: SearchSpace, data, allow_cpu: bool) -> None:
 
 
 def _tune_config(space: SearchSpace, experiment_dir: Path) -> tune.TuneConfig:
-    s = space.search
-    full_steps = space.base_config.train.steps
     experiment_dir.mkdir(parents=True, exist_ok=True)
-    searcher = ConcurrencyLimiter(
-        OptunaSearcher(space.to_optuna(), make_sampler(s.algorithm, s.seed, s.startup_trials),
-                       metric=METRIC, mode=MODE, full_steps=full_steps, study_name=space.name,
-                       storage=optuna_storage(experiment_dir),
-                       points_to_evaluate=[dict(p) for p in space.points_to_evaluate]),
-        max_concurrent=s.max_concurrent)
-    if s.scheduler == "asha":
-        scheduler = ASHAScheduler(time_attr="step", max_t=full_steps, grace_period=s.grace_period,
-                                  reduction_factor=s.reduction_factor)
-    else:
-        scheduler = FIFOScheduler()
+    searcher, scheduler = build_search(space, experiment_dir)
     return tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
-                           num_samples=s.num_samples, time_budget_s=s.time_budget_s)
+                           num_samples=space.search.num_samples, time_budget_s=space.search.time_budget_s)
 
 
 def _experiment_params(space: SearchSpace) -> dict[str, Any]:

@@ -24,14 +24,20 @@ from __future__ import annotations
 
 import math
 import pickle
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import TrialState
-from ray.tune.search import Searcher
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import ConcurrencyLimiter, Searcher
 
-from tuner.space import ALGORITHMS
+METRIC = "val_bpd"  # what every trial reports at each rung, and what the search minimises
+MODE = "min"
+
+if TYPE_CHECKING:
+    from tuner.space import SearchSpace
 
 
 STUDY_FILE = "optuna.db"
@@ -42,16 +48,49 @@ def optuna_storage(experiment_dir) -> str:
     return f"sqlite:///{(experiment_dir / STUDY_FILE).resolve()}"
 
 
+# ---- the one place a space's search settings become Ray Tune objects ------------------------------------------
+# search.algorithm -> an Optuna sampler (seed, startup trials); a new algorithm is one entry here.
+SAMPLERS: dict[str, Callable[[int, int], optuna.samplers.BaseSampler]] = {
+    # constant_liar: running trials count as bad guesses, so concurrent asks do not land on the same point.
+    "tpe": lambda seed, startup: optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True,
+                                                            constant_liar=True),
+    "gp": lambda seed, startup: optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup),
+    "random": lambda seed, startup: optuna.samplers.RandomSampler(seed=seed),
+}
+
+# search.scheduler -> a Tune scheduler (full trial length in steps, grace period, reduction factor).
+SCHEDULERS: dict[str, Callable[[int, int, int], TrialScheduler]] = {
+    "asha": lambda full_steps, grace, factor: ASHAScheduler(time_attr="step", max_t=full_steps, grace_period=grace,
+                                                            reduction_factor=factor),
+    "fifo": lambda full_steps, grace, factor: FIFOScheduler(),
+}
+
+
 def make_sampler(algorithm: str, seed: int, startup_trials: int) -> optuna.samplers.BaseSampler:
     """The Optuna sampler behind `search.algorithm`."""
-    if algorithm == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials, multivariate=True,
-                                          constant_liar=True)
-    if algorithm == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup_trials)
-    if algorithm == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
+    if algorithm not in SAMPLERS:
+        raise ValueError(f"algorithm must be one of {', '.join(SAMPLERS)}, got {algorithm!r}")
+    return SAMPLERS[algorithm](seed, startup_trials)
+
+
+def make_scheduler(name: str, full_steps: int, grace_period: int, reduction_factor: int) -> TrialScheduler:
+    """The Tune scheduler behind `search.scheduler`."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {name!r}")
+    return SCHEDULERS[name](full_steps, grace_period, reduction_factor)
+
+
+def build_search(space: "SearchSpace", experiment_dir: Path) -> tuple[Searcher, TrialScheduler]:
+    """The searcher (Optuna study in the experiment folder, at most max_concurrent trials at once) and the
+    scheduler of a search space."""
+    s, full_steps = space.search, space.base_config.train.steps
+    searcher = ConcurrencyLimiter(
+        OptunaSearcher(space.to_optuna(), make_sampler(s.algorithm, s.seed, s.startup_trials),
+                       metric=METRIC, mode=MODE, full_steps=full_steps, study_name=space.name,
+                       storage=optuna_storage(experiment_dir),
+                       points_to_evaluate=[dict(p) for p in space.points_to_evaluate]),
+        max_concurrent=s.max_concurrent)
+    return searcher, make_scheduler(s.scheduler, full_steps, s.grace_period, s.reduction_factor)
 
 
 def outcome(result: dict[str, Any] | None, full_steps: int, metric: str, error: bool) -> TrialState:

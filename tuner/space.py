@@ -20,11 +20,13 @@ import copy
 import hashlib
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from trials.cli import UserError
 from trials.config import ConfigError, TrialConfig, build_dataclass, field_paths, read_yaml, set_dotted
+from tuner.searcher import SAMPLERS, SCHEDULERS
 
 # The seed's five hyperparameters by their familiar names.
 SHORT_NAMES = {
@@ -35,9 +37,6 @@ SHORT_NAMES = {
     "sampling_eps": "sde.sampling_eps",
 }
 KINDS = ("loguniform", "uniform", "randint", "choice")
-ALGORITHMS = ("tpe", "gp", "random")  # Optuna samplers, built by tuner.searcher.make_sampler
-METRIC = "val_bpd"
-MODE = "min"
 
 
 class SpaceError(UserError, ValueError):
@@ -108,8 +107,13 @@ class SearchSpace:
             set_dotted(tree, hp.path, hp.decode(sampled))
         return TrialConfig.from_dict(tree)
 
-    @property
+    def check(self) -> None:
+        """Raise ConfigError now if the fixed config is not a valid TrialConfig (e.g. data 'mnist', no root)."""
+        _ = self.base_config
+
+    @cached_property
     def base_config(self) -> TrialConfig:
+        """The fixed part with every default filled in, checked once (a SpaceError-worthy ConfigError if not)."""
         return TrialConfig.from_dict(self.fixed)
 
     def to_optuna(self) -> dict[str, Any]:
@@ -194,10 +198,10 @@ def parse_space(raw: dict[str, Any], where: str, sha256: str = "", default_name:
         search_raw["startup_trials"] = search_raw.pop("tpe_startup_trials")  # the name before GP joined TPE
     search = _parse_section(SearchSettings, search_raw, "search", fail)
     points = _parse_points(points_raw, hyperparameters, fixed, fail)
-    if search.algorithm not in ALGORITHMS:
-        fail("search.algorithm", f"must be one of {', '.join(ALGORITHMS)}, got {search.algorithm!r}")
-    if search.scheduler not in ("asha", "fifo"):
-        fail("search.scheduler", f"must be 'asha' or 'fifo', got {search.scheduler!r}")
+    if search.algorithm not in SAMPLERS:
+        fail("search.algorithm", f"must be one of {', '.join(SAMPLERS)}, got {search.algorithm!r}")
+    if search.scheduler not in SCHEDULERS:
+        fail("search.scheduler", f"must be one of {', '.join(SCHEDULERS)}, got {search.scheduler!r}")
     for key in ("num_samples", "max_concurrent", "top_k", "grace_period", "startup_trials"):
         if getattr(search, key) < 1:
             fail(f"search.{key}", f"must be >= 1, got {getattr(search, key)}")
