@@ -24,7 +24,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = OneLineArgumentParser(prog=PROG, description="Sample an image grid from a trials.trainer checkpoint.")
     p.add_argument("--checkpoint", required=True, type=Path,
                    help="a checkpoint file (train.py's checkpoint.pt) or a Tune checkpoint folder holding trainer.pt")
-    p.add_argument("--sampler", choices=("pc", "ode"), default="pc", help="pc: predictor-corrector; ode: probability flow")
+    p.add_argument("--sampler", choices=("pc", "ode"), default="pc",  # the names of trials.sampling.SAMPLERS
+                   help="pc: predictor-corrector; ode: probability flow")
     p.add_argument("--n", type=positive_int, default=None, help="images (default: sample.n_images)")
     p.add_argument("--out", required=True, type=Path, help="PNG file for the grid")
     p.add_argument("--steps", type=positive_int, default=None, help="PC predictor steps (default: sample.pc_steps)")

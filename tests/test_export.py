@@ -1,9 +1,25 @@
-"""The winner and its ties, from re-scores alone (no Ray)."""
+"""The export without Ray: ranking, the winner and its ties, trials.csv, best_config.yaml.
+
+Tune's analysis object is replaced by the few attributes the export reads (trials with a config and a last
+result, their histories, their last checkpoints); the tracker by a recorder of what it is sent.
+"""
 
 import math
 import random
+from pathlib import Path
+from types import SimpleNamespace
 
-from tuner.export import TIE_STDERRS, paired_to_winner
+import pandas as pd
+import yaml
+
+from tuner.export import TIE_STDERRS, paired_to_winner, rank_candidates, trials_table, write_outputs
+from tuner.space import parse_space
+
+SPACE = parse_space({"name": "unit", "fixed": {"train": {"steps": 40, "val_every": 20}},
+                     "hyperparameters": {"lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
+                                         "ch_mult": {"type": "choice", "values": [[1, 2, 2], [1, 2, 4]]}},
+                     "search": {"grace_period": 20}},
+                    "unit.yaml", sha256="0" * 64)
 
 
 def rescore(per_image, failed=False):
@@ -44,3 +60,90 @@ def test_failed_or_unpaired_rescores_are_left_out():
                 "other_images": rescore([2.0, 3.0]), "blown_up": rescore([2.0, math.inf, 4.0])}
     assert set(paired_to_winner(rescores, "w")) == {"w"}
     assert paired_to_winner(rescores, "missing") == {}
+
+
+# ---- ranking, table and winner, from a stand-in for Tune's analysis ---------------------------------------------
+def fake_analysis(rows):
+    """rows: (trial_id, lr, ch_mult label, val_bpd history by step or None, has checkpoint)."""
+    trials, histories, checkpoints = [], {}, {}
+    for trial_id, lr, ch_mult, history, has_ckpt in rows:
+        last = {"step": max(history), "val_bpd": history[max(history)], "seconds": 1.0} if history else {}
+        trials.append(SimpleNamespace(trial_id=trial_id, config={"lr": lr, "ch_mult": ch_mult}, last_result=last))
+        if history:
+            histories[trial_id] = pd.DataFrame({"step": list(history), "val_bpd": list(history.values())})
+        if has_ckpt:
+            checkpoints[trial_id] = SimpleNamespace(path=f"/ckpt/{trial_id}")
+    return SimpleNamespace(trials=trials, trial_dataframes=histories,
+                           get_last_checkpoint=lambda trial: checkpoints.get(trial.trial_id))
+
+
+ROWS = [("a", 1e-3, "1,2,2", {20: 5.0, 40: 3.1}, True),
+        ("b", 2e-3, "1,2,4", {20: 4.0, 40: 2.9}, True),
+        ("c", 3e-3, "1,2,2", {20: 3.5}, True),  # stopped early, with the best rung-1 score
+        ("d", 1e-2, "1,2,4", {20: math.inf}, True),  # diverged
+        ("e", 5e-3, "1,2,2", {20: 2.0, 40: 2.5}, False),  # no checkpoint left: cannot be re-scored
+        ("f", 4e-3, "1,2,4", None, False)]  # never reported
+STATUSES = {"a": "completed", "b": "completed", "c": "stopped early", "d": "diverged", "e": "completed",
+            "f": "not started"}
+
+
+def test_candidates_are_the_best_last_scores_with_a_checkpoint():
+    ranked = rank_candidates(fake_analysis(ROWS), STATUSES, top_k=3)
+    assert [(t.trial_id, path) for t, path in ranked] == [("b", "/ckpt/b"), ("a", "/ckpt/a"), ("c", "/ckpt/c")]
+    assert [t.trial_id for t, _ in rank_candidates(fake_analysis(ROWS), STATUSES, top_k=1)] == ["b"]
+
+
+def test_the_table_sorts_by_accurate_then_fast_and_decodes_choices():
+    rescores = {"a": {"mean": 2.7, "stderr": 0.1, "nfe": 128, "failed": False},
+                "b": {"mean": 2.8, "stderr": 0.1, "nfe": 128, "failed": False},
+                "c": {"mean": math.inf, "failed": True, "reason": "ODE failed"}}
+    table = trials_table(fake_analysis(ROWS), SPACE, STATUSES, rescores, {"a": "run-a"})
+    assert list(table.trial_id) == ["a", "b", "e", "c", "d", "f"]
+    a = table.iloc[0]
+    assert a.ch_mult == "[1, 2, 2]" and a.val_bpd_accurate == 2.7 and a.mlflow_run_id == "run-a"
+    assert table.set_index("trial_id").loc["e", "val_bpd_best"] == 2.0  # the best rung, not the last
+    assert table.set_index("trial_id").loc["c", "reason"] == "ODE failed"
+    assert math.isnan(table.set_index("trial_id").loc["c", "val_bpd_accurate"])
+    assert table.set_index("trial_id").loc["f", "steps"] == 0
+
+
+class RecordingTracker:
+    tracking_uri, experiment_id, parent_run_id = "sqlite:///x.db", "1", "parent"
+
+    def __init__(self):
+        self.comparisons, self.summary = {}, None
+
+    def log_comparison(self, run_id, diff, stderr, tied):
+        self.comparisons[run_id] = (diff, stderr, tied)
+
+    def log_summary(self, metrics, tags, artifacts):
+        self.summary = (metrics, tags, [Path(p).name for p in artifacts])
+
+
+def test_the_accurate_winner_its_ties_and_best_config(tmp_path):
+    per_image = {"a": [2.70, 2.60, 2.80, 2.75], "b": [2.71, 2.62, 2.81, 2.77], "c": [3.1, 3.0, 3.2, 3.3]}
+    rescores = {tid: {"mean": sum(v) / 4, "stderr": 0.05, "per_image": v, "failed": False, "fidelity": {"name": "accurate"}}
+                for tid, v in per_image.items()}
+    analysis = fake_analysis(ROWS)
+    table = trials_table(analysis, SPACE, STATUSES, rescores, {"a": "run-a", "b": "run-b", "c": "run-c"})
+    tracker = RecordingTracker()
+    export = write_outputs(tmp_path, SPACE, table, rescores, analysis, tracker)
+    assert (export.winner_id, export.winner_fidelity) == ("a", "accurate")
+    assert export.tied == []  # b is worse on every image: paired, not tied, though the error bars overlap
+    assert tracker.comparisons["run-b"][0] > 0 and tracker.comparisons["run-b"][2] is False
+    written = pd.read_csv(tmp_path / "trials.csv")
+    assert list(written.trial_id[:3]) == ["a", "b", "c"] and not written.tied_with_winner[1]
+    best = yaml.safe_load((tmp_path / "best_config.yaml").read_text())
+    assert best["train"]["lr"] == 1e-3 and best["model"]["ch_mult"] == [1, 2, 2]
+    assert best["provenance"]["trial_id"] == "a" and best["provenance"]["mlflow_run_id"] == "run-a"
+    assert best["provenance"]["checkpoint"] == "/ckpt/a"
+    metrics, tags, artifacts = tracker.summary
+    assert tags == {"winner_trial_id": "a"} and metrics["trials"] == 6
+    assert artifacts == ["trials.csv", "rescores.json", "best_config.yaml"]
+
+
+def test_without_rescores_the_fast_score_picks_the_winner(tmp_path):
+    analysis = fake_analysis(ROWS)
+    table = trials_table(analysis, SPACE, STATUSES, {}, {})
+    export = write_outputs(tmp_path, SPACE, table, {}, analysis, RecordingTracker())
+    assert (export.winner_id, export.winner_fidelity) == ("e", "fast")  # 2.5, finite; d's inf is not a score

@@ -1,4 +1,6 @@
-"""The two sides stay apart: trials/ is plain PyTorch, tuner/ never builds a model."""
+"""The layout's promises, checked on the source: trials/ (the trial side) imports neither MLflow nor the
+driver, and Ray only in its one adapter, trainable.py; tuner/ (the driver side) imports neither torch nor
+the model or trainer, so it never builds a model."""
 
 import ast
 from pathlib import Path

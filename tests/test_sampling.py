@@ -434,3 +434,9 @@ def test_every_sampler_has_one_shape_and_draws_with_its_config(name):
         assert samples.nfe == nfe and SAMPLERS[name].settings(sc)["frame"] == "logsnr"
         assert lines and all(line.startswith("  ODE sampling ") for line in lines)
     torch.testing.assert_close(samples.x, expected, rtol=0, atol=0)
+
+
+def test_sample_py_offers_every_sampler_of_the_table():
+    from sample import parse_args
+    for name in SAMPLERS:
+        assert parse_args(["--checkpoint", "c.pt", "--out", "g.png", "--sampler", name]).sampler == name

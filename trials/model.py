@@ -17,14 +17,13 @@ and the untrained network predicts zero noise.
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from trials.config import ModelConfig, TrialConfig
-from trials.sde import SDE, per_sample
+from trials.sde import SDE, ScoreFn, per_sample
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -158,7 +157,7 @@ def unet_for(cfg: TrialConfig) -> UNet:
     return UNet(cfg.model, cfg.dataset.channels, cfg.dataset.image_size)
 
 
-def score_fn(model: nn.Module, sde: SDE) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def score_fn(model: nn.Module, sde: SDE) -> ScoreFn:
     """The score grad log p_t(x) of a noise-predicting model: -eps(x, t) / sigma(t), per sample."""
 
     def score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
