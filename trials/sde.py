@@ -161,8 +161,9 @@ class SDE(ABC):
 
 
 @dataclass(frozen=True)
-class VPSDE(SDE):
-    """Variance preserving: dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw, sigma^2 = 1 - alpha^2."""
+class LinearBetaSDE(SDE):
+    """What vp and subvp share: beta(t) = beta_min + t (beta_max - beta_min), the drift -1/2 beta x and so
+    alpha(t) = exp(-1/2 integral_0^t beta). Subclasses give sigma, g and the lambda clock."""
 
     beta_min: float = 0.1
     beta_max: float = 20.0
@@ -174,12 +175,17 @@ class VPSDE(SDE):
     def drift_coeff(self, t: torch.Tensor) -> torch.Tensor:
         return -0.5 * self.beta(t)
 
-    def diffusion(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.sqrt(self.beta(t))
-
     def log_mean_coeff(self, t: torch.Tensor) -> torch.Tensor:
         """log alpha(t) = -1/2 * integral_0^t beta(s) ds."""
         return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+
+
+@dataclass(frozen=True)
+class VPSDE(LinearBetaSDE):
+    """Variance preserving: dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw, sigma^2 = 1 - alpha^2."""
+
+    def diffusion(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(self.beta(t))
 
     def marginal_std(self, t: torch.Tensor) -> torch.Tensor:
         # 1 - alpha^2 written with expm1: at t ~ 1e-5 the naive form loses most of its digits in float32.
@@ -203,27 +209,14 @@ class VPSDE(SDE):
 
 
 @dataclass(frozen=True)
-class SubVPSDE(SDE):
+class SubVPSDE(LinearBetaSDE):
     """Sub-VP (Song et al., 2021): dx = -1/2 beta x dt + sqrt(beta (1 - alpha^4)) dw, sigma = 1 - alpha^2.
 
     Its variance stays below the VP SDE's at every t; same alpha, same beta(t).
     """
 
-    beta_min: float = 0.1
-    beta_max: float = 20.0
-    T: float = 1.0
-
-    def beta(self, t: torch.Tensor) -> torch.Tensor:
-        return self.beta_min + t * (self.beta_max - self.beta_min)
-
-    def drift_coeff(self, t: torch.Tensor) -> torch.Tensor:
-        return -0.5 * self.beta(t)
-
     def diffusion(self, t: torch.Tensor) -> torch.Tensor:
         return torch.sqrt(self.beta(t) * -torch.expm1(4.0 * self.log_mean_coeff(t)))
-
-    def log_mean_coeff(self, t: torch.Tensor) -> torch.Tensor:
-        return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
 
     def marginal_std(self, t: torch.Tensor) -> torch.Tensor:
         return -torch.expm1(2.0 * self.log_mean_coeff(t))  # 1 - alpha^2, accurate at small t
