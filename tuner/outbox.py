@@ -1,6 +1,6 @@
 """MLflow writes that outlive a tracking outage: sent at once while the store answers, kept and sent later when not.
 
-Every MLflow write of the tuning driver (tuner/tracking.py) and of train.py's run (tuner/full_run_tracking.py)
+Every MLflow write of the tuning driver (tuner/tracking.py) and of train.py's run (tuner/mlflow_runs.py)
 is a *record* handed to the `Outbox` of a folder (the experiment folder, the full run's folder): create or find
 a run, log a batch of metrics/params/tags, attach a file or folder, set a run's status, end a run.
 
