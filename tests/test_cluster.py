@@ -22,13 +22,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
+
+from tests.servers import wait_for_http
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -101,22 +102,6 @@ def wait_for_line(proc: subprocess.Popen, log: Path, text: str) -> None:
         time.sleep(1)
 
 
-def wait_for_http(proc: subprocess.Popen, url: str, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{url} did not answer within {STARTUP_TIMEOUT_S} s")
-        time.sleep(1)
-
-
 def ray_list(cluster_address: str, env: dict[str, str], kind: str) -> list[dict]:
     """Ray's state API (`ray list nodes|workers|actors|tasks`) as parsed JSON; it remembers dead workers and actors."""
     out = subprocess.run([str(BIN / "ray"), "list", kind, "--address", cluster_address, "--detail",
@@ -178,7 +163,7 @@ def mlflow_server(tmp_path_factory):
            "--workers", "1"]
     server = start(cmd, folder / "server.log", env)
     try:
-        wait_for_http(server, f"http://127.0.0.1:{port}/health", folder / "server.log")
+        wait_for_http(f"http://127.0.0.1:{port}/health", server, folder / "server.log")
         yield f"http://127.0.0.1:{port}", folder / "artifacts"
     finally:
         stop(server, grace_s=15)
