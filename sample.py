@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import sys
 import time
 from pathlib import Path
 
-from trials.cli import EXIT_BAD_INPUT, OneLineArgumentParser, first_line, positive_int
+from trials.cli import EXIT_BAD_INPUT, OneLineArgumentParser, device_name, first_line, positive_int
 
 PROG = "sample.py"
 
@@ -30,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, type=Path, help="PNG file for the grid")
     p.add_argument("--steps", type=positive_int, default=None, help="PC predictor steps (default: sample.pc_steps)")
     p.add_argument("--seed", type=int, default=None, help="default: sample.seed")
-    p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda:N'")
+    p.add_argument("--device", type=device_name, default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda:N'")
     return p.parse_args(argv)
 
 
@@ -43,8 +42,6 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.steps is not None and args.sampler == "ode":
         return fail("--steps applies to --sampler pc; the ODE solver chooses its own steps")
-    if not (args.device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", args.device)):
-        return fail(f"--device: must be 'auto', 'cpu' or 'cuda[:N]', got {args.device!r}")
     if not args.out.resolve().parent.is_dir():
         return fail(f"output folder does not exist: {args.out.parent}")
 

@@ -385,6 +385,14 @@ def test_cli_rejects_a_bad_checkpoint_in_one_line(tmp_path, capsys, make_bad, ex
     assert expected in one_line_error(capsys)
 
 
+def test_cli_rejects_a_bad_device_in_one_line(checkpoint, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", str(checkpoint), "--device", "gpu", "--out", str(tmp_path / "g.png")])
+    assert exit_info.value.code == 2
+    assert "--device: must be 'auto', 'cpu' or 'cuda[:N]', got 'gpu'" in one_line_error(capsys)
+    assert not (tmp_path / "g.png").exists()
+
+
 @pytest.mark.parametrize("n", ["0", "-3", "many"])
 def test_cli_rejects_a_bad_n_in_one_line(checkpoint, tmp_path, capsys, n):
     with pytest.raises(SystemExit) as exit_info:

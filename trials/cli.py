@@ -8,6 +8,7 @@ message is that line, naming what is wrong and where; the entries (tune.py, trai
 from __future__ import annotations
 
 import argparse
+import re
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM, as a shell reports a SIGINT-killed command; the run can continue
@@ -38,6 +39,13 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
+
+
+def device_name(text: str) -> str:
+    """A --device value: 'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'."""
+    if not (text in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", text)):
+        raise argparse.ArgumentTypeError(f"must be 'auto', 'cpu' or 'cuda[:N]', got {text!r}")
+    return text
 
 
 def positive_float(text: str) -> float:

@@ -3,7 +3,7 @@
 This is the winner's picture in the experiment report. At rtol = atol = 1e-3 the ODE solver takes tens of
 score evaluations where the full run's 1e-5 takes hundreds, so a 6 x 6 grid from a tuning-sized model costs
 seconds on a CPU; the images are a little less sharp than at a tight tolerance, which is enough to see what
-the model has learned. It uses `trials.sampling.ode_sample` as it is: the same sampler the full run uses.
+the model has learned. It draws through `trials.sampling.SAMPLERS["ode"]`: the same sampler the full run uses.
 
 The report runs this from the driver side, where no model may be built: as a Ray task during `tune.py`
 (`trials.trainable.sample_checkpoint`), and as this command from `python -m tuner.report`:
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -73,7 +72,7 @@ def draw_grid(checkpoint: str | Path, out: str | Path, *, n: int = 36, rtol: flo
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trials.cli import OneLineArgumentParser, positive_float, positive_int
+    from trials.cli import OneLineArgumentParser, device_name, positive_float, positive_int
 
     parser = OneLineArgumentParser(prog="python -m trials.preview",
                                    description="A sample grid from a checkpoint: the probability-flow ODE at a loose tolerance.")
@@ -83,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rtol", type=positive_float, default=LOOSE_TOLERANCE)
     parser.add_argument("--atol", type=positive_float, default=LOOSE_TOLERANCE)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda:N'")
+    parser.add_argument("--device", type=device_name, default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda:N'")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
 
@@ -96,8 +95,6 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"checkpoint not found: {path}")
     if not Path(args.out).resolve().parent.is_dir():
         return fail(f"output folder does not exist: {Path(args.out).parent}")
-    if not (args.device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", args.device)):
-        return fail(f"--device: must be 'auto', 'cpu' or 'cuda[:N]', got {args.device!r}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         return fail(f"--device {args.device}: CUDA is not available on this machine")
     try:
