@@ -65,8 +65,20 @@ def trial_histories(experiment: Path) -> pd.DataFrame:
 
 
 # ---- replay ----------------------------------------------------------------------------------------------
-def replay_strategies(space, table, grace: int, rf: int) -> dict:
-    """label -> Strategy. The first is the baseline; 'default' marks the space's own settings."""
+NAMES = {"tpe": "TPE", "gp": "GP", "random": "random", "asha": "ASHA", "fifo": "FIFO"}
+
+
+def strategy_label(algorithm: str, scheduler: str, grace: int, rf: int, startup: int) -> str:
+    label = f"{NAMES[algorithm]} + {NAMES[scheduler]}"
+    if scheduler == "asha":
+        label += f", grace {grace}, rf {rf}"
+    if algorithm != "random":
+        label += f", {startup} start-up"
+    return label
+
+
+def replay_strategies(space, table) -> tuple[dict, str]:
+    """(label -> Strategy, the label of the space's own settings). The first label is the baseline."""
     import optuna
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
@@ -75,35 +87,54 @@ def replay_strategies(space, table, grace: int, rf: int) -> dict:
     from tuner.searcher import METRIC, MODE, OptunaSearcher, make_sampler
 
     full = table.full_steps
-    startup = space.search.startup_trials
+    s = space.search
 
-    def ours(algorithm: str, drop: tuple[str, ...] = ()):
+    def ours(algorithm: str, startup: int, drop: tuple[str, ...] = ()):
         dists = {k: v for k, v in space.to_optuna().items() if k not in drop}
         return lambda seed: OptunaSearcher(dists, make_sampler(algorithm, seed, startup), metric=METRIC, mode=MODE,
                                            full_steps=full, study_name=f"replay-{seed}")
 
-    def ray_tpe(seed):  # the searcher before this change: every trial told COMPLETE at whatever step it ended
+    def ray_tpe(seed):  # the searcher before issue 12: every trial told COMPLETE at whatever step it ended
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         return OptunaSearch(space=space.to_optuna(), metric=METRIC, mode=MODE,
-                            sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup))
+                            sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=4))
 
-    def asha(g=grace, r=rf):
-        return lambda: ASHAScheduler(time_attr="step", metric=METRIC, mode=MODE, max_t=full, grace_period=g,
-                                     reduction_factor=r)
+    def scheduler(name: str, grace: int = 40, rf: int = 2):
+        if name == "fifo":
+            return FIFOScheduler
+        return lambda: ASHAScheduler(time_attr="step", metric=METRIC, mode=MODE, max_t=full, grace_period=grace,
+                                     reduction_factor=rf)
 
-    return {
-        "random + FIFO": Strategy("random + FIFO", ours("random"), FIFOScheduler),
-        "random + ASHA": Strategy("random + ASHA", ours("random"), asha()),
-        "TPE + ASHA (Ray OptunaSearch, before)": Strategy("TPE + ASHA (before)", ray_tpe, asha()),
-        "TPE + ASHA": Strategy("TPE + ASHA", ours("tpe"), asha()),
-        "TPE + FIFO": Strategy("TPE + FIFO", ours("tpe"), FIFOScheduler),
-        "GP + ASHA": Strategy("GP + ASHA", ours("gp"), asha()),
-        "GP + FIFO": Strategy("GP + FIFO", ours("gp"), FIFOScheduler),
-        "TPE + ASHA, eps at scoring": Strategy("TPE + ASHA, eps at scoring", ours("tpe", ("sampling_eps",)),
-                                               asha(), eps_at_scoring=True),
-        f"TPE + ASHA, grace {grace}, rf 4": Strategy("TPE + ASHA rf4", ours("tpe"), asha(grace, 4)),
-        f"TPE + ASHA, grace {2 * grace}, rf {rf}": Strategy("TPE + ASHA g2", ours("tpe"), asha(2 * grace, rf)),
-    }
+    def row(algorithm, sched, grace=40, rf=2, startup=4):
+        label = strategy_label(algorithm, sched, grace, rf, startup)
+        return label, Strategy(label, ours(algorithm, startup), scheduler(sched, grace, rf))
+
+    rows = dict([
+        row("random", "fifo"),
+        row("random", "asha"),
+        ("TPE + ASHA, grace 40, rf 2, Ray's OptunaSearch (before)",
+         Strategy("TPE + ASHA (before)", ray_tpe, scheduler("asha"))),
+        row("tpe", "asha"),
+        row("tpe", "fifo"),
+        row("gp", "asha"),
+        row("gp", "fifo"),
+        ("TPE + ASHA, grace 40, rf 2, 4 start-up, eps at scoring",
+         Strategy("eps at scoring", ours("tpe", 4, ("sampling_eps",)), scheduler("asha"), eps_at_scoring=True)),
+        row("tpe", "asha", rf=3),
+        row("tpe", "asha", rf=4),
+        row("tpe", "asha", grace=80),
+        row("tpe", "asha", startup=8),
+    ])
+    default, strategy = row(s.algorithm, s.scheduler, s.grace_period, s.reduction_factor, s.startup_trials)
+    rows.setdefault(default, strategy)
+    return rows, default
+
+
+def _init_replay_worker() -> None:
+    # Optuna's GP sampler fits with torch; one thread per worker keeps two workers off each other's core.
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def _replay_job(job):
@@ -113,7 +144,7 @@ def _replay_job(job):
 
     space = load_space(args["space"])
     table = CurveTable.read(args["table"])
-    strategy = replay_strategies(space, table, space.search.grace_period, space.search.reduction_factor)[label]
+    strategy = replay_strategies(space, table)[0][label]
     return label, seed, simulate(strategy, table, seed, max(BUDGETS_MIN) * 60.0, slots=args["slots"])
 
 
@@ -126,26 +157,25 @@ def replay(args) -> None:
 
     space = load_space(args.space)
     table = CurveTable.read(args.table)
-    labels = list(replay_strategies(space, table, space.search.grace_period, space.search.reduction_factor))
-    if args.strategies:
-        labels = [l for l in labels if l in args.strategies or l == "random + FIFO"]
-    default = {("tpe", "asha"): "TPE + ASHA", ("gp", "asha"): "GP + ASHA", ("gp", "fifo"): "GP + FIFO",
-               ("tpe", "fifo"): "TPE + FIFO", ("random", "fifo"): "random + FIFO",
-               ("random", "asha"): "random + ASHA"}[(space.search.algorithm, space.search.scheduler)]
+    strategies, default = replay_strategies(space, table)
+    baseline = next(iter(strategies))
+    labels = list(strategies)
+    if args.strategies:  # the baseline and the default always run: the last line compares them
+        labels = [l for l in labels if any(w in l for w in args.strategies) or l in (baseline, default)]
     jobs = [(label, seed, {"space": str(args.space), "table": str(args.table), "slots": args.slots})
             for label in labels for seed in range(args.seeds)]
     print(f"replaying {len(labels)} strategies x {args.seeds} seeds on {args.table} "
           f"({len(table.curves)} recorded configs, {args.slots} trials at a time) ...", file=sys.stderr, flush=True)
     runs: dict[str, list] = {label: [] for label in labels}
     start = time.time()
-    with mp.get_context("spawn").Pool(args.workers) as pool:
+    with mp.get_context("spawn").Pool(args.workers, initializer=_init_replay_worker) as pool:
         for i, (label, seed, run) in enumerate(pool.imap_unordered(_replay_job, jobs), 1):
             runs[label].append(run)
             if i % 25 == 0 or i == len(jobs):
                 print(f"  {i}/{len(jobs)} runs, {time.time() - start:.0f} s", file=sys.stderr, flush=True)
 
     horizon = max(BUDGETS_MIN) * 60
-    target = float(np.median([r.best_by(horizon) for r in runs["random + FIFO"]]))
+    target = float(np.median([r.best_by(horizon) for r in runs[baseline]]))
     best_grid = table.frame.loc[table.frame.val_bpd.map(math.isfinite), "val_bpd"].min()
     print(f"\nReplay of {args.table} ({len(table.curves)} configs, best recorded {best_grid:.3f} bits/dim), "
           f"{args.seeds} seeds, {args.slots} trials at a time. Best fast val bits/dim by budget: median "
@@ -167,7 +197,7 @@ def replay(args) -> None:
         name = f"**{label}** (default)" if label == default else label
         print(f"| {name} | " + " | ".join(cells) + f" | {ttt[label]:.1f} ({q1:.1f}-{q3:.1f}) | {reached}/{len(times)} | {trials:.0f} |")
     print()
-    print(f"speedup_vs_random_fifo: {ttt['random + FIFO'] / ttt[default]:.2f}")
+    print(f"speedup_vs_random_fifo: {ttt[baseline] / ttt[default]:.2f}")
 
 
 def live(args) -> None:
@@ -197,7 +227,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=50, help="replay: seeds per strategy")
     p.add_argument("--slots", type=int, default=2, help="replay: trials at a time")
     p.add_argument("--workers", type=int, default=2, help="replay: processes")
-    p.add_argument("--strategies", nargs="+", default=None, help="replay: labels to run (random + FIFO always); live: default, random-fifo")
+    p.add_argument("--strategies", nargs="+", default=None, help="replay: run only the strategies whose label contains one of these words (random + FIFO and the default always run); live: default, random-fifo")
     p.add_argument("--budget", type=float, default=480.0, help="live: seconds per experiment")
     p.add_argument("--live-seeds", type=int, nargs="+", default=[0])
     args = p.parse_args()
