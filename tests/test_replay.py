@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from bench.replay import CurveTable, Strategy, median_ci, simulate
+from bench.replay import CurveTable, Strategy, median_ci, quartiles, simulate
 from tuner.searcher import OptunaSearcher, make_sampler
 
 import optuna.distributions as od
@@ -85,3 +85,26 @@ def test_median_interval_covers_the_median_and_tightens_with_more_seeds():
         med, lo, hi = median_ci(x)
         assert lo <= med <= hi
     assert (median_ci(large)[2] - median_ci(large)[1]) < (median_ci(small)[2] - median_ci(small)[1])
+
+
+def test_quartiles_count_a_target_never_reached_as_the_longest_time():
+    assert quartiles([1.0, 2.0, 3.0, math.inf]) == (1.0, math.inf)
+    assert quartiles([1.0, 2.0, 3.0, 4.0, 5.0, math.inf, math.inf, math.inf])[1] == math.inf
+    assert quartiles([4.0, 1.0, 3.0, 2.0]) == (1.0, 4.0)
+
+
+def test_the_default_row_is_the_spaces_own_search_settings():
+    from pathlib import Path
+
+    import yaml
+
+    from bench.tuning_efficiency import replay_strategies
+    from tuner.space import parse_space
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "search_spaces" / "cpu.yaml").read_text())
+    raw["search"].update(algorithm="gp", scheduler="asha", grace_period=40, reduction_factor=4, startup_trials=6)
+    strategies, default = replay_strategies(parse_space(raw, "gp.yaml"), table())
+    assert default == "GP + ASHA, grace 40, rf 4, 6 start-up" and default in strategies
+    assert next(iter(strategies)) == "random + FIFO"  # the baseline every speedup is measured against
+    scheduler = strategies[default].make_scheduler()
+    assert isinstance(scheduler, ASHAScheduler) and scheduler._reduction_factor == 4
