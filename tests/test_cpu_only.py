@@ -26,8 +26,8 @@ def test_rungs_are_the_milestones_rays_asha_uses(max_t, grace, eta):
 
 
 def test_expected_steps_follow_ashas_promotion_rule():
-    cpu = load_space(ROOT / "search_spaces" / "cpu.yaml")  # rungs 40, 120; full length 160; eta 3
-    assert cpu_only.expected_steps_per_trial(cpu) == pytest.approx(40 + 80 / 3 + 40 / 9)
+    cpu = load_space(ROOT / "search_spaces" / "cpu.yaml")  # one rung, 40; full length 160; eta 4
+    assert cpu_only.expected_steps_per_trial(cpu) == pytest.approx(40 + 120 / 4)
     gpu = load_space(ROOT / "search_spaces" / "vpsde.yaml")  # rungs 1000, 3000; full length 6000; eta 3
     assert cpu_only.expected_steps_per_trial(gpu) == pytest.approx(1000 + 2000 / 3 + 3000 / 9)
     raw = yaml.safe_load((ROOT / "search_spaces" / "cpu.yaml").read_text())
