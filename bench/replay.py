@@ -169,5 +169,5 @@ def median_ci(values, confidence: float = 0.95) -> tuple[float, float, float]:
 
 def quartiles(values) -> tuple[float, float]:
     """25th and 75th percentiles; inf (a run that never reached the target) counts as the largest value."""
-    x = np.sort(np.asarray(values, dtype=float))
+    x = np.asarray(values, dtype=float)
     return float(np.percentile(x, 25, method="lower")), float(np.percentile(x, 75, method="higher"))

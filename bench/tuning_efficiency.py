@@ -109,17 +109,19 @@ def replay_strategies(space, table) -> tuple[dict, str]:
         label = strategy_label(algorithm, sched, grace, rf, startup)
         return label, Strategy(label, ours(algorithm, startup), scheduler(sched, grace, rf))
 
+    def variant(suffix: str, searcher, **strategy):  # TPE + ASHA, grace 40, rf 2, 4 start-up, changed as named
+        label = f"{strategy_label('tpe', 'asha', 40, 2, 4)}, {suffix}"
+        return label, Strategy(label, searcher, scheduler("asha"), **strategy)
+
     rows = dict([
         row("random", "fifo"),
         row("random", "asha"),
-        ("TPE + ASHA, grace 40, rf 2, Ray's OptunaSearch (before)",
-         Strategy("TPE + ASHA (before)", ray_tpe, scheduler("asha"))),
+        variant("Ray's OptunaSearch (before)", ray_tpe),
         row("tpe", "asha"),
         row("tpe", "fifo"),
         row("gp", "asha"),
         row("gp", "fifo"),
-        ("TPE + ASHA, grace 40, rf 2, 4 start-up, eps at scoring",
-         Strategy("eps at scoring", ours("tpe", 4, ("sampling_eps",)), scheduler("asha"), eps_at_scoring=True)),
+        variant("eps at scoring", ours("tpe", 4, ("sampling_eps",)), eps_at_scoring=True),
         row("tpe", "asha", rf=3),
         row("tpe", "asha", rf=4),
         row("tpe", "asha", grace=80),
