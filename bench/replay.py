@@ -73,7 +73,6 @@ class CurveTable:
 
 @dataclass
 class Strategy:
-    label: str
     make_searcher: Callable[[int], object]  # seed -> a Ray Tune Searcher
     make_scheduler: Callable[[], object]
     eps_at_scoring: bool = False  # score every recorded eps at each rung and report the best
@@ -171,3 +170,28 @@ def quartiles(values) -> tuple[float, float]:
     """25th and 75th percentiles; inf (a run that never reached the target) counts as the largest value."""
     x = np.asarray(values, dtype=float)
     return float(np.percentile(x, 25, method="lower")), float(np.percentile(x, 75, method="higher"))
+
+
+def compare_medians(ours: tuple[float, float, float], theirs: tuple[float, float, float]) -> str:
+    """Two (median, low, high) of values where lower is better: which is better, with intervals apart."""
+    if ours[2] < theirs[1]:
+        return "better, intervals apart"
+    if ours[1] > theirs[2]:
+        return "worse, intervals apart"
+    return "intervals overlap"
+
+
+def speedup_interval(baseline_times, times, confidence: float = 0.95, resamples: int = 2000,
+                     seed: int = 0) -> tuple[float, float]:
+    """A percentile-bootstrap interval for median(baseline_times) / median(times), resampling the seeds of
+    each strategy on its own. A target never reached is inf, so a resampled ratio can be inf (or 0)."""
+    rng = np.random.default_rng(seed)
+    base, ours = np.asarray(baseline_times, dtype=float), np.asarray(times, dtype=float)
+    b = np.median(rng.choice(base, (resamples, len(base))), axis=1)
+    o = np.median(rng.choice(ours, (resamples, len(ours))), axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratios = np.where(np.isinf(b) & np.isinf(o), np.nan, b / o)
+    ratios = ratios[~np.isnan(ratios)]
+    alpha = (1 - confidence) / 2
+    return (float(np.percentile(ratios, 100 * alpha, method="lower")),
+            float(np.percentile(ratios, 100 * (1 - alpha), method="higher")))

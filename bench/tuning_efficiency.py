@@ -107,11 +107,11 @@ def replay_strategies(space, table) -> tuple[dict, str]:
 
     def row(algorithm, sched, grace=40, rf=2, startup=4):
         label = strategy_label(algorithm, sched, grace, rf, startup)
-        return label, Strategy(label, ours(algorithm, startup), scheduler(sched, grace, rf))
+        return label, Strategy(ours(algorithm, startup), scheduler(sched, grace, rf))
 
     def variant(suffix: str, searcher, **strategy):  # TPE + ASHA, grace 40, rf 2, 4 start-up, changed as named
         label = f"{strategy_label('tpe', 'asha', 40, 2, 4)}, {suffix}"
-        return label, Strategy(label, searcher, scheduler("asha"), **strategy)
+        return label, Strategy(searcher, scheduler("asha"), **strategy)
 
     rows = dict([
         row("random", "fifo"),
@@ -154,7 +154,7 @@ def replay(args) -> None:
     import multiprocessing as mp
     import time
 
-    from bench.replay import CurveTable, median_ci, quartiles
+    from bench.replay import CurveTable, compare_medians, median_ci, quartiles, speedup_interval
     from tuner.space import load_space
 
     space = load_space(args.space)
@@ -165,7 +165,7 @@ def replay(args) -> None:
     if args.strategies:  # the baseline and the default always run: the last line compares them
         labels = [l for l in labels if any(w in l for w in args.strategies) or l in (baseline, default)]
     jobs = [(label, seed, {"space": str(args.space), "table": str(args.table), "slots": args.slots})
-            for label in labels for seed in range(args.seeds)]
+            for label in labels for seed in range(args.first_seed, args.first_seed + args.seeds)]
     print(f"replaying {len(labels)} strategies x {args.seeds} seeds on {args.table} "
           f"({len(table.curves)} recorded configs, {args.slots} trials at a time) ...", file=sys.stderr, flush=True)
     runs: dict[str, list] = {label: [] for label in labels}
@@ -179,8 +179,9 @@ def replay(args) -> None:
     horizon = max(BUDGETS_MIN) * 60
     target = float(np.median([r.best_by(horizon) for r in runs[baseline]]))
     best_grid = table.frame.loc[table.frame.val_bpd.map(math.isfinite), "val_bpd"].min()
+    seeds = f"seeds {args.first_seed}-{args.first_seed + args.seeds - 1}"
     print(f"\nReplay of {args.table} ({len(table.curves)} configs, best recorded {best_grid:.3f} bits/dim), "
-          f"{args.seeds} seeds, {args.slots} trials at a time. Best fast val bits/dim by budget: median "
+          f"{args.seeds} seeds ({seeds}), {args.slots} trials at a time. Best fast val bits/dim by budget: median "
           f"[95% interval of the median] (IQR). Target = random + FIFO's median 40-minute best = {target:.3f}.\n")
     print("| strategy | " + " | ".join(f"{b} min" for b in BUDGETS_MIN) + " | time to target, min: median (IQR) | reached | trials in 40 min |")
     print("|---|" + "---:|" * (len(BUDGETS_MIN) + 3))
@@ -199,6 +200,13 @@ def replay(args) -> None:
         name = f"**{label}** (default)" if label == default else label
         print(f"| {name} | " + " | ".join(cells) + f" | {ttt[label]:.1f} ({q1:.1f}-{q3:.1f}) | {reached}/{len(times)} | {trials:.0f} |")
     print()
+    for b in BUDGETS_MIN:  # the test: medians better with the 95% intervals of the medians apart
+        ours, theirs = (median_ci([r.best_by(b * 60) for r in runs[label]]) for label in (default, baseline))
+        print(f"{b} min: default {ours[0]:.3f} [{ours[1]:.3f}, {ours[2]:.3f}] against random + FIFO "
+              f"{theirs[0]:.3f} [{theirs[1]:.3f}, {theirs[2]:.3f}]: {compare_medians(ours, theirs)}")
+    times = {label: [r.time_to(target) for r in runs[label]] for label in (baseline, default)}
+    lo, hi = speedup_interval(times[baseline], times[default])
+    print(f"speedup 95% interval (bootstrap over seeds): [{lo:.2f}, {hi:.2f}]")
     print(f"speedup_vs_random_fifo: {ttt[baseline] / ttt[default]:.2f}")
 
 
@@ -227,6 +235,8 @@ def main() -> None:
     p.add_argument("--space", type=Path, default=ROOT / "search_spaces" / "cpu.yaml")
     p.add_argument("--table", type=Path, default=ROOT / "bench" / "data" / "cpu_curves.csv")
     p.add_argument("--seeds", type=int, default=50, help="replay: seeds per strategy")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="replay: seeds first-seed .. first-seed + seeds - 1 (a fresh range checks a pick made on another)")
     p.add_argument("--slots", type=int, default=2, help="replay: trials at a time")
     p.add_argument("--workers", type=int, default=2, help="replay: processes")
     p.add_argument("--strategies", nargs="+", default=None, help="replay: run only the strategies whose label contains one of these words (random + FIFO and the default always run); live: default, random-fifo")

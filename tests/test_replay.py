@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from bench.replay import CurveTable, Strategy, median_ci, quartiles, simulate
+from bench.replay import CurveTable, Strategy, compare_medians, median_ci, quartiles, simulate, speedup_interval
 from tuner.searcher import OptunaSearcher, make_sampler
 
 import optuna.distributions as od
@@ -48,7 +48,7 @@ def test_snap_is_nearest_on_a_log_scale():
 
 def test_fifo_clock_runs_every_trial_to_the_end_two_at_a_time():
     # Each trial: setup 2 + 3 rungs x (train 5 + eval 1) = 20 s; 2 slots for 100 s -> 5 rounds of 2 trials.
-    run = simulate(Strategy("fifo", random_searcher, FIFOScheduler), table(), seed=0, horizon_s=100.0)
+    run = simulate(Strategy(random_searcher, FIFOScheduler), table(), seed=0, horizon_s=100.0)
     times = sorted(t for t, _ in run.reports)
     assert times == [t for r in range(5) for t in (20 * r + 8, 20 * r + 8, 20 * r + 14, 20 * r + 14, 20 * r + 20, 20 * r + 20)]
     assert run.trials == 12  # 10 finished, and the 2 started at 100 s
@@ -57,22 +57,22 @@ def test_fifo_clock_runs_every_trial_to_the_end_two_at_a_time():
 def test_asha_stops_trials_and_starts_more_in_the_same_time():
     asha = lambda: ASHAScheduler(time_attr="step", metric="val_bpd", mode="min", max_t=40, grace_period=10,
                                  reduction_factor=2)
-    fifo_run = simulate(Strategy("fifo", random_searcher, FIFOScheduler), table(), seed=1, horizon_s=400.0)
-    asha_run = simulate(Strategy("asha", random_searcher, asha), table(), seed=1, horizon_s=400.0)
+    fifo_run = simulate(Strategy(random_searcher, FIFOScheduler), table(), seed=1, horizon_s=400.0)
+    asha_run = simulate(Strategy(random_searcher, asha), table(), seed=1, horizon_s=400.0)
     assert asha_run.trials > fifo_run.trials
     assert len(asha_run.reports) > len(fifo_run.reports) - asha_run.trials  # stopped trials report fewer rungs
 
 
 def test_eps_at_scoring_reports_the_best_eps_and_pays_for_every_eps():
-    one = simulate(Strategy("one", random_searcher, FIFOScheduler), table(), seed=0, horizon_s=20.0)
-    every = simulate(Strategy("every", random_searcher, FIFOScheduler, eps_at_scoring=True), table(), seed=0,
+    one = simulate(Strategy(random_searcher, FIFOScheduler), table(), seed=0, horizon_s=20.0)
+    every = simulate(Strategy(random_searcher, FIFOScheduler, eps_at_scoring=True), table(), seed=0,
                      horizon_s=23.0)
     assert [t for t, _ in every.reports][:1] == [9.0]  # setup 2 + train 5 + two evals of 1 s
     assert min(v for _, v in every.reports) <= min(v for _, v in one.reports)
 
 
 def test_best_by_and_time_to_target():
-    run = simulate(Strategy("fifo", random_searcher, FIFOScheduler), table(), seed=0, horizon_s=100.0)
+    run = simulate(Strategy(random_searcher, FIFOScheduler), table(), seed=0, horizon_s=100.0)
     target = run.best_by(100.0)
     assert run.time_to(target) <= 100.0 and run.best_by(run.time_to(target)) == target
     assert run.time_to(target - 1e-9) == math.inf and run.best_by(1.0) == math.inf
@@ -108,3 +108,21 @@ def test_the_default_row_is_the_spaces_own_search_settings():
     assert next(iter(strategies)) == "random + FIFO"  # the baseline every speedup is measured against
     scheduler = strategies[default].make_scheduler()
     assert isinstance(scheduler, ASHAScheduler) and scheduler._reduction_factor == 4
+
+
+def test_medians_are_better_only_when_the_intervals_are_apart():
+    assert compare_medians((2.50, 2.48, 2.52), (2.60, 2.53, 2.70)) == "better, intervals apart"
+    assert compare_medians((2.50, 2.48, 2.53), (2.60, 2.53, 2.70)) == "intervals overlap"  # touching is not apart
+    assert compare_medians((2.70, 2.65, 2.75), (2.60, 2.55, 2.64)) == "worse, intervals apart"
+
+
+def test_speedup_interval_brackets_the_ratio_of_medians():
+    rng = np.random.default_rng(3)
+    slow, fast = rng.exponential(30.0, 200), rng.exponential(10.0, 200)
+    lo, hi = speedup_interval(slow, fast)
+    assert lo < np.median(slow) / np.median(fast) < hi and lo > 1.5  # 3x apart: the interval excludes 1
+    lo, hi = speedup_interval(slow, rng.permutation(slow))
+    assert lo < 1.0 < hi  # the same times: no speedup can be claimed
+    # Half the baseline's seeds never reach the target: its resampled medians are often inf.
+    never = np.concatenate([np.full(100, np.inf), rng.exponential(30.0, 100)])
+    assert speedup_interval(never, fast)[1] == np.inf

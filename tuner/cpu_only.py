@@ -95,7 +95,7 @@ def explain(space: SearchSpace, est: Estimate, measured: str) -> list[str]:
         f"Estimate: {est.trials} trials x about {est.steps_per_trial:,.0f} steps each "
         f"({'ASHA stops most trials early' if space.search.scheduler == 'asha' else 'every trial to the end'}), "
         f"{est.parallel} at a time: about {duration(est.seconds)} of training, plus the scoring at each rung{budget}.",
-        f"For a CPU use {CPU_SPACE} (about 9 minutes on 2 cores), or add --allow-cpu to run this space here anyway.",
+        f"For a CPU use {CPU_SPACE} (about 7 minutes on 2 cores), or add --allow-cpu to run this space here anyway.",
     ]
 
 
