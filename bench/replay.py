@@ -186,7 +186,8 @@ def speedup_interval(baseline_times, times, confidence: float = 0.95, resamples:
     """A percentile-bootstrap interval for median(baseline_times) / median(times), resampling the seeds of
     each strategy on its own. A target never reached is inf, so a resampled ratio can be inf (or 0)."""
     rng = np.random.default_rng(seed)
-    base, ours = np.asarray(baseline_times, dtype=float), np.asarray(times, dtype=float)
+    # Sorted, so that the same times give the same interval in whatever order the runs finished.
+    base, ours = np.sort(np.asarray(baseline_times, dtype=float)), np.sort(np.asarray(times, dtype=float))
     b = np.median(rng.choice(base, (resamples, len(base))), axis=1)
     o = np.median(rng.choice(ours, (resamples, len(ours))), axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):

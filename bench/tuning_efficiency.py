@@ -17,7 +17,6 @@ same figures from the trials' real histories.
 
 from __future__ import annotations
 
-import argparse
 import math
 import subprocess
 import sys
@@ -185,14 +184,15 @@ def replay(args) -> None:
           f"[95% interval of the median] (IQR). Target = random + FIFO's median 40-minute best = {target:.3f}.\n")
     print("| strategy | " + " | ".join(f"{b} min" for b in BUDGETS_MIN) + " | time to target, min: median (IQR) | reached | trials in 40 min |")
     print("|---|" + "---:|" * (len(BUDGETS_MIN) + 3))
-    ttt = {}
+    ttt, minutes, medians = {}, {}, {}  # per label: median time to target, the times, (median, lo, hi) per budget
     for label in labels:
         cells = []
         for b in BUDGETS_MIN:
-            med, lo, hi = median_ci([r.best_by(b * 60) for r in runs[label]])
-            q1, q3 = quartiles([r.best_by(b * 60) for r in runs[label]])
+            best = [r.best_by(b * 60) for r in runs[label]]
+            medians[label, b] = med, lo, hi = median_ci(best)
+            q1, q3 = quartiles(best)
             cells.append(f"{med:.3f} [{lo:.3f}, {hi:.3f}] ({q1:.3f}-{q3:.3f})")
-        times = [r.time_to(target) / 60 for r in runs[label]]
+        minutes[label] = times = [r.time_to(target) / 60 for r in runs[label]]
         ttt[label] = float(np.median(times))
         q1, q3 = quartiles(times)
         reached = sum(math.isfinite(t) for t in times)
@@ -201,11 +201,10 @@ def replay(args) -> None:
         print(f"| {name} | " + " | ".join(cells) + f" | {ttt[label]:.1f} ({q1:.1f}-{q3:.1f}) | {reached}/{len(times)} | {trials:.0f} |")
     print()
     for b in BUDGETS_MIN:  # the issue's test: medians better with the 95% intervals of the medians apart
-        ours, theirs = (median_ci([r.best_by(b * 60) for r in runs[label]]) for label in (default, baseline))
+        ours, theirs = medians[default, b], medians[baseline, b]
         print(f"{b} min: default {ours[0]:.3f} [{ours[1]:.3f}, {ours[2]:.3f}] against random + FIFO "
               f"{theirs[0]:.3f} [{theirs[1]:.3f}, {theirs[2]:.3f}]: {compare_medians(ours, theirs)}")
-    times = {label: [r.time_to(target) for r in runs[label]] for label in (baseline, default)}
-    lo, hi = speedup_interval(times[baseline], times[default])
+    lo, hi = speedup_interval(minutes[baseline], minutes[default])
     print(f"speedup 95% interval (bootstrap over seeds): [{lo:.2f}, {hi:.2f}]")
     print(f"speedup_vs_random_fifo: {ttt[baseline] / ttt[default]:.2f}")
 
@@ -228,13 +227,15 @@ def live(args) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from trials.cli import OneLineArgumentParser, positive_int
+
+    p = OneLineArgumentParser(description=__doc__.splitlines()[0])
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--replay", action="store_true", help="replay strategies against the recorded curves")
     mode.add_argument("--live", action="store_true", help="run tune.py for real under a time budget")
     p.add_argument("--space", type=Path, default=ROOT / "search_spaces" / "cpu.yaml")
     p.add_argument("--table", type=Path, default=ROOT / "bench" / "data" / "cpu_curves.csv")
-    p.add_argument("--seeds", type=int, default=50, help="replay: seeds per strategy")
+    p.add_argument("--seeds", type=positive_int, default=50, help="replay: seeds per strategy")
     p.add_argument("--first-seed", type=int, default=0,
                    help="replay: seeds first-seed .. first-seed + seeds - 1 (a fresh range checks a pick made on another)")
     p.add_argument("--slots", type=int, default=2, help="replay: trials at a time")
@@ -243,6 +244,8 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=480.0, help="live: seconds per experiment")
     p.add_argument("--live-seeds", type=int, nargs="+", default=[0])
     args = p.parse_args()
+    if args.first_seed < 0:  # numpy seeds are unsigned; caught here rather than in a pool worker
+        p.error(f"--first-seed must be 0 or more, got {args.first_seed}")
     replay(args) if args.replay else live(args)
 
 

@@ -121,6 +121,7 @@ def test_speedup_interval_brackets_the_ratio_of_medians():
     slow, fast = rng.exponential(30.0, 200), rng.exponential(10.0, 200)
     lo, hi = speedup_interval(slow, fast)
     assert lo < np.median(slow) / np.median(fast) < hi and lo > 1.5  # 3x apart: the interval excludes 1
+    assert speedup_interval(rng.permutation(slow), fast) == (lo, hi)  # the order runs finished in does not count
     lo, hi = speedup_interval(slow, rng.permutation(slow))
     assert lo < 1.0 < hi  # the same times: no speedup can be claimed
     # Half the baseline's seeds never reach the target: its resampled medians are often inf.
