@@ -52,8 +52,9 @@ TARGET_ERROR = 0.005  # bits/dim from the reference: what "equal error" means in
 
 
 # ---- the baseline: score_sde_pytorch's likelihood computation, transcribed ------------------------------
-def published_log_likelihood(score: ScoreFn, sde: SDE, x: torch.Tensor, eps: float, probes: torch.Tensor,
-                             rtol: float, atol: float) -> tuple[torch.Tensor, int]:
+def published_log_likelihood(
+    score: ScoreFn, sde: SDE, x: torch.Tensor, eps: float, probes: torch.Tensor, rtol: float, atol: float
+) -> tuple[torch.Tensor, int]:
     """log p(x) by scipy RK45 on the flattened state [x, delta_logp], as the published reference does.
 
     Every function evaluation converts the numpy state to a tensor, runs the drift (one forward pass
@@ -91,10 +92,12 @@ def published_log_likelihood(score: ScoreFn, sde: SDE, x: torch.Tensor, eps: flo
 # ---- checkpoints of different quality ---------------------------------------------------------------------
 def trained_snapshots(steps: list[int], data, cache: Path | None) -> tuple[TrialConfig, dict[int, torch.nn.Module]]:
     """The EMA weights after each number of DSM steps, from one training run (or the cache of one)."""
-    cfg = TrialConfig.from_dict({
-        "model": SMALL_MODEL,
-        "train": {"batch_size": 64, "lr": 1e-3, "val_every": 10**6, "log_every": 10**6, "device": "cpu"},
-    })
+    cfg = TrialConfig.from_dict(
+        {
+            "model": SMALL_MODEL,
+            "train": {"batch_size": 64, "lr": 1e-3, "val_every": 10**6, "log_every": 10**6, "device": "cpu"},
+        }
+    )
     cached = cache / "snapshots.pt" if cache is not None else None
     if cached is not None and cached.exists():
         saved = torch.load(cached, weights_only=True)
@@ -149,21 +152,27 @@ def settings(images: int) -> list[Setting]:
         return FidelityConfig(n_images=images, frame="logsnr", method="rk4", steps=steps)
 
     return [
-        Setting("t frame", "fast", t_frame(1e-2)), Setting("t frame", "", t_frame(1e-3)),
-        Setting("t frame", "", t_frame(1e-4)), Setting("t frame", "accurate", t_frame(1e-5)),
-        Setting("logsnr frame", "fast", logsnr(7)), Setting("logsnr frame", "", logsnr(16)),
+        Setting("t frame", "fast", t_frame(1e-2)),
+        Setting("t frame", "", t_frame(1e-3)),
+        Setting("t frame", "", t_frame(1e-4)),
+        Setting("t frame", "accurate", t_frame(1e-5)),
+        Setting("logsnr frame", "fast", logsnr(7)),
+        Setting("logsnr frame", "", logsnr(16)),
         Setting("logsnr frame", "accurate", logsnr(32)),
-        Setting("published", "fast", None, 1e-2), Setting("published", "accurate", None, 1e-5),
+        Setting("published", "fast", None, 1e-2),
+        Setting("published", "accurate", None, 1e-5),
     ]
 
 
-def score_setting(setting: Setting, score: ScoreFn, sde: SDE, x: torch.Tensor, probes: torch.Tensor,
-                  eps: float, centered: bool) -> tuple[np.ndarray, int, float]:
+def score_setting(
+    setting: Setting, score: ScoreFn, sde: SDE, x: torch.Tensor, probes: torch.Tensor, eps: float, centered: bool
+) -> tuple[np.ndarray, int, float]:
     """Per-image bits/dim, NFE and seconds of one setting: the evaluator itself, or the published code."""
     dims = x[0].numel()
     if setting.fidelity is None:
-        (logp, nfe), seconds = timed(lambda: published_log_likelihood(score, sde, x, eps, probes, setting.tol,
-                                                                      setting.tol))
+        (logp, nfe), seconds = timed(
+            lambda: published_log_likelihood(score, sde, x, eps, probes, setting.tol, setting.tol)
+        )
         return bits_per_dim(logp.double(), dims, centered).numpy(), nfe, seconds
     cfg = EvalConfig(estimator="rademacher", batch_size=len(x), fast=setting.fidelity, accurate=setting.fidelity)
     evaluator = LikelihoodEvaluator(x, probes, torch.arange(len(x)), cfg, centered)
@@ -175,13 +184,22 @@ def score_setting(setting: Setting, score: ScoreFn, sde: SDE, x: torch.Tensor, p
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, nargs="+", default=[0, 10, 25, 50, 100, 200],
-                        help="DSM steps at which to snapshot a checkpoint (at least 6 for the rank study)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        nargs="+",
+        default=[0, 10, 25, 50, 100, 200],
+        help="DSM steps at which to snapshot a checkpoint (at least 6 for the rank study)",
+    )
     parser.add_argument("--images", type=int, default=16, help="validation images, one ODE batch")
     parser.add_argument("--eps", type=float, default=1e-5, help="lower end of the ODE (sampling_eps)")
     parser.add_argument("--reference-steps", type=int, default=128, help="rk4 steps of the logsnr reference")
-    parser.add_argument("--confirm-step", type=int, default=100,
-                        help="checkpoint also solved at rtol = atol = 1e-7 in both frames (-1: skip)")
+    parser.add_argument(
+        "--confirm-step",
+        type=int,
+        default=100,
+        help="checkpoint also solved at rtol = atol = 1e-7 in both frames (-1: skip)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--cache", type=Path, default=None, help="folder to keep the trained snapshots in")
     args = parser.parse_args()
@@ -196,14 +214,20 @@ def main() -> None:
     sde = make_sde(cfg.sde)
     centered = cfg.data.centered
     eps = args.eps
-    template = LikelihoodEvaluator.build(data.val, EvalConfig(batch_size=args.images,
-                                                              fast=FidelityConfig(n_images=args.images),
-                                                              accurate=FidelityConfig(n_images=args.images)),
-                                         centered=centered)
+    template = LikelihoodEvaluator.build(
+        data.val,
+        EvalConfig(
+            batch_size=args.images,
+            fast=FidelityConfig(n_images=args.images),
+            accurate=FidelityConfig(n_images=args.images),
+        ),
+        centered=centered,
+    )
     x, probes = template.x, template.probes
     dims = x[0].numel()
-    reference_setting = Setting("reference", "", FidelityConfig(n_images=args.images, frame="logsnr", method="rk4",
-                                                                steps=args.reference_steps))
+    reference_setting = Setting(
+        "reference", "", FidelityConfig(n_images=args.images, frame="logsnr", method="rk4", steps=args.reference_steps)
+    )
     all_settings = settings(args.images)
 
     rows = []  # (step, reference bpd per image, {setting: (bpd per image, nfe, seconds)})
@@ -215,79 +239,114 @@ def main() -> None:
         for setting in all_settings:
             results[setting] = score_setting(setting, score, sde, x, probes, eps, centered)
         rows.append((step, reference, results))
-        print(f"step {step}: reference {reference.mean():.4f} ({ref_nfe} NFE, {ref_seconds:.0f} s); "
-              + ", ".join(f"{s.approach} {s.label}: {r[0].mean() - reference.mean():+.4f} ({r[1]} NFE, {r[2]:.0f} s)"
-                          for s, r in results.items()), flush=True)
+        print(
+            f"step {step}: reference {reference.mean():.4f} ({ref_nfe} NFE, {ref_seconds:.0f} s); "
+            + ", ".join(
+                f"{s.approach} {s.label}: {r[0].mean() - reference.mean():+.4f} ({r[1]} NFE, {r[2]:.0f} s)"
+                for s, r in results.items()
+            ),
+            flush=True,
+        )
         if step == args.confirm_step:
             tight = {}
             for frame in ("logsnr", "t"):
-                (logp, _, nfe), seconds = timed(lambda: log_likelihood(score, sde, x, eps, probes=probes, rtol=1e-7,
-                                                                       atol=1e-7, frame=frame))
+                (logp, _, nfe), seconds = timed(
+                    lambda: log_likelihood(score, sde, x, eps, probes=probes, rtol=1e-7, atol=1e-7, frame=frame)
+                )
                 tight[frame] = (bits_per_dim(logp.double(), dims, centered).numpy(), nfe, seconds)
-                print(f"step {step}: {frame} frame at rtol = atol = 1e-7: {tight[frame][0].mean():.5f} "
-                      f"({nfe} NFE, {seconds:.0f} s)", flush=True)
+                print(
+                    f"step {step}: {frame} frame at rtol = atol = 1e-7: {tight[frame][0].mean():.5f} "
+                    f"({nfe} NFE, {seconds:.0f} s)",
+                    flush=True,
+                )
             confirmation = (step, reference, tight)
 
     print()
-    print(f"Likelihood evaluator on CPU ({args.threads} thread(s); small UNet "
-          f"{count_parameters(snapshots[max(args.steps)]) / 1e6:.2f}M params; {args.images} mnist-5k validation "
-          f"images in one batch, [0, 1] data, eps = {eps:g}, Rademacher probes; {os.cpu_count()} cores, 1-minute "
-          f"load average {load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; "
-          f"{(time.perf_counter() - start) / 60:.1f} min in all)")
+    print(
+        f"Likelihood evaluator on CPU ({args.threads} thread(s); small UNet "
+        f"{count_parameters(snapshots[max(args.steps)]) / 1e6:.2f}M params; {args.images} mnist-5k validation "
+        f"images in one batch, [0, 1] data, eps = {eps:g}, Rademacher probes; {os.cpu_count()} cores, 1-minute "
+        f"load average {load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; "
+        f"{(time.perf_counter() - start) / 60:.1f} min in all)"
+    )
     if confirmation is not None:
         step, reference, tight = confirmation
         print()
-        print(f"Reference (logsnr rk4, {args.reference_steps} steps) against rtol = atol = 1e-7 at checkpoint {step}: "
-              + "; ".join(f"{frame} frame {bpd.mean():.5f} bits/dim ({nfe} NFE, {seconds:.0f} s), mean difference "
-                          f"{abs(bpd.mean() - reference.mean()):.5f}, largest per image {np.abs(bpd - reference).max():.5f}"
-                          for frame, (bpd, nfe, seconds) in tight.items())
-              + f"; the two frames differ by {abs(tight['t'][0].mean() - tight['logsnr'][0].mean()):.5f}.")
+        print(
+            f"Reference (logsnr rk4, {args.reference_steps} steps) against rtol = atol = 1e-7 at checkpoint {step}: "
+            + "; ".join(
+                f"{frame} frame {bpd.mean():.5f} bits/dim ({nfe} NFE, {seconds:.0f} s), mean difference "
+                f"{abs(bpd.mean() - reference.mean()):.5f}, largest per image {np.abs(bpd - reference).max():.5f}"
+                for frame, (bpd, nfe, seconds) in tight.items()
+            )
+            + f"; the two frames differ by {abs(tight['t'][0].mean() - tight['logsnr'][0].mean()):.5f}."
+        )
     print()
     print("Per checkpoint: NFE, seconds and |bits/dim - reference| of the mean over the images.")
     print()
-    print("| checkpoint (DSM steps) | reference bpd | approach | fidelity | setting | NFE | seconds | bpd | "
-          "abs. error | largest per-image error |")
+    print(
+        "| checkpoint (DSM steps) | reference bpd | approach | fidelity | setting | NFE | seconds | bpd | "
+        "abs. error | largest per-image error |"
+    )
     print("|---:|---:|---|---|---|---:|---:|---:|---:|---:|")
     for step, reference, results in rows:
         for setting, (bpd, nfe, seconds) in results.items():
-            print(f"| {step} | {reference.mean():.4f} | {setting.approach} | {setting.role or '-'} | {setting.label} | "
-                  f"{nfe} | {seconds:.1f} | {bpd.mean():.4f} | {abs(bpd.mean() - reference.mean()):.4f} | "
-                  f"{np.abs(bpd - reference).max():.4f} |")
+            print(
+                f"| {step} | {reference.mean():.4f} | {setting.approach} | {setting.role or '-'} | {setting.label} | "
+                f"{nfe} | {seconds:.1f} | {bpd.mean():.4f} | {abs(bpd.mean() - reference.mean()):.4f} | "
+                f"{np.abs(bpd - reference).max():.4f} |"
+            )
 
     def summary(setting: Setting) -> dict:
         per = [r[2][setting] for r in rows]
         errors = [abs(p[0].mean() - r[1].mean()) for p, r in zip(per, rows)]
-        return {"nfe": float(np.mean([p[1] for p in per])), "seconds": sum(p[2] for p in per),
-                "max_error": max(errors), "means": [p[0].mean() for p in per]}
+        return {
+            "nfe": float(np.mean([p[1] for p in per])),
+            "seconds": sum(p[2] for p in per),
+            "max_error": max(errors),
+            "means": [p[0].mean() for p in per],
+        }
 
     sums = {s: summary(s) for s in all_settings}
     accurate = {s.approach: s for s in all_settings if s.role == "accurate"}
     print()
-    print(f"Over the {len(rows)} checkpoints (Spearman: rank agreement of the checkpoints' mean bits/dim with the "
-          f"same approach's accurate setting):")
+    print(
+        f"Over the {len(rows)} checkpoints (Spearman: rank agreement of the checkpoints' mean bits/dim with the "
+        f"same approach's accurate setting):"
+    )
     print()
-    print("| approach | fidelity | setting | mean NFE | seconds, all checkpoints | largest abs. error | "
-          f"within {TARGET_ERROR:g} | Spearman with accurate |")
+    print(
+        "| approach | fidelity | setting | mean NFE | seconds, all checkpoints | largest abs. error | "
+        f"within {TARGET_ERROR:g} | Spearman with accurate |"
+    )
     print("|---|---|---|---:|---:|---:|---|---:|")
     for setting, sm in sums.items():
         rho = stats.spearmanr(sm["means"], sums[accurate[setting.approach]]["means"]).statistic
-        print(f"| {setting.approach} | {setting.role or '-'} | {setting.label} | {sm['nfe']:.0f} | {sm['seconds']:.1f} | "
-              f"{sm['max_error']:.4f} | {'yes' if sm['max_error'] <= TARGET_ERROR else 'no'} | {rho:.3f} |")
+        print(
+            f"| {setting.approach} | {setting.role or '-'} | {setting.label} | {sm['nfe']:.0f} | {sm['seconds']:.1f} | "
+            f"{sm['max_error']:.4f} | {'yes' if sm['max_error'] <= TARGET_ERROR else 'no'} | {rho:.3f} |"
+        )
 
     def cheapest_within_target(approach: str):
-        ok = [(sums[s]["nfe"], s) for s in all_settings if s.approach == approach and sums[s]["max_error"] <= TARGET_ERROR]
+        ok = [
+            (sums[s]["nfe"], s) for s in all_settings if s.approach == approach and sums[s]["max_error"] <= TARGET_ERROR
+        ]
         return min(ok, key=lambda pair: pair[0]) if ok else None
 
     print()
     old, new = cheapest_within_target("t frame"), cheapest_within_target("logsnr frame")
     if old and new:
-        print(f"Equal error (every checkpoint within {TARGET_ERROR:g} bits/dim of the reference): t frame needs "
-              f"{old[0]:.0f} NFE ({old[1].label}), logsnr frame {new[0]:.0f} NFE ({new[1].label}): "
-              f"{new[0] / old[0]:.2f} of it.")
+        print(
+            f"Equal error (every checkpoint within {TARGET_ERROR:g} bits/dim of the reference): t frame needs "
+            f"{old[0]:.0f} NFE ({old[1].label}), logsnr frame {new[0]:.0f} NFE ({new[1].label}): "
+            f"{new[0] / old[0]:.2f} of it."
+        )
     published, ours = sums[accurate["published"]], sums[accurate["logsnr frame"]]
-    print(f"Accurate fidelity: logsnr frame {ours['seconds']:.1f} s against the published approach's "
-          f"{published['seconds']:.1f} s over the checkpoints: {published['seconds'] / ours['seconds']:.1f}x faster "
-          f"(t frame: {published['seconds'] / sums[accurate['t frame']]['seconds']:.1f}x).")
+    print(
+        f"Accurate fidelity: logsnr frame {ours['seconds']:.1f} s against the published approach's "
+        f"{published['seconds']:.1f} s over the checkpoints: {published['seconds'] / ours['seconds']:.1f}x faster "
+        f"(t frame: {published['seconds'] / sums[accurate['t frame']]['seconds']:.1f}x)."
+    )
 
 
 if __name__ == "__main__":

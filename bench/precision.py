@@ -23,9 +23,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import multiprocessing
 import os
 import platform
-import multiprocessing
 import statistics
 import sys
 import time
@@ -44,18 +44,33 @@ from trials.trainer import Trainer
 
 SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "cpu.yaml"
 CONFIGS = {
-    "winner": {"train.lr": 3.2e-3, "train.batch_size": 128, "model.num_res_blocks": 2, "model.ch_mult": [1, 2, 4],
-               "sde.sampling_eps": 1.1e-5},
-    "small lr": {"train.lr": 3e-4, "train.batch_size": 64, "model.num_res_blocks": 1, "model.ch_mult": [1, 2, 2],
-                 "sde.sampling_eps": 1e-4},
+    "winner": {
+        "train.lr": 3.2e-3,
+        "train.batch_size": 128,
+        "model.num_res_blocks": 2,
+        "model.ch_mult": [1, 2, 4],
+        "sde.sampling_eps": 1.1e-5,
+    },
+    "small lr": {
+        "train.lr": 3e-4,
+        "train.batch_size": 64,
+        "model.num_res_blocks": 1,
+        "model.ch_mult": [1, 2, 2],
+        "sde.sampling_eps": 1e-4,
+    },
 }
 
 
 def config(name: str, seed: int, precision: str, steps: int | None = None) -> TrialConfig:
     tree = read_yaml(SPACE)[0]["fixed"]
-    for path, value in {**CONFIGS[name], "train.seed": seed, "train.precision": precision,
-                        "train.num_threads": 1, "train.device": "cpu",
-                        **({"train.steps": steps} if steps else {})}.items():
+    for path, value in {
+        **CONFIGS[name],
+        "train.seed": seed,
+        "train.precision": precision,
+        "train.num_threads": 1,
+        "train.device": "cpu",
+        **({"train.steps": steps} if steps else {}),
+    }.items():
         set_dotted(tree, path, value)
     return TrialConfig.from_dict(tree)
 
@@ -83,9 +98,15 @@ def train_and_score(name: str, seed: int, precision: str, accurate: bool, steps:
     records = list(trainer.run())
     seconds = time.perf_counter() - start
     assert not records[-1]["diverged"], records[-1]
-    out = {"name": name, "seed": seed, "precision": trainer.precision, "train_seconds": seconds,
-           "val_dsm": records[-1]["val_dsm"], "params": count_parameters(trainer.model),
-           "state": {k: v.clone() for k, v in trainer.eval_model.state_dict().items()}}
+    out = {
+        "name": name,
+        "seed": seed,
+        "precision": trainer.precision,
+        "train_seconds": seconds,
+        "val_dsm": records[-1]["val_dsm"],
+        "params": count_parameters(trainer.model),
+        "state": {k: v.clone() for k, v in trainer.eval_model.state_dict().items()},
+    }
     with trainer.evaluating() as score:
         for fidelity in ("fast", "accurate") if accurate else ("fast",):
             r = evaluator.evaluate(score, trainer.sde, cfg.sde.sampling_eps, fidelity)
@@ -115,8 +136,16 @@ def score_in(name: str, state: dict, setting: str, precision: str) -> dict:
     score = score_fn(autocast_forward(model, "cpu", precision), sde)
     evaluator = evaluator_for(cfg, data, EVAL_CHECK_MAX_NFE, **solver_settings(setting, cfg))
     r = evaluator.evaluate(score, sde, cfg.sde.sampling_eps, "fast")
-    return {"setting": f"{setting} ({evaluator.cfg.fast.describe()})", "precision": precision, "bpd": r.mean, "nfe": r.nfe, "seconds": r.seconds,
-            "failed": r.failed, "reason": r.reason, "per_image": r.per_image}
+    return {
+        "setting": f"{setting} ({evaluator.cfg.fast.describe()})",
+        "precision": precision,
+        "bpd": r.mean,
+        "nfe": r.nfe,
+        "seconds": r.seconds,
+        "failed": r.failed,
+        "reason": r.reason,
+        "per_image": r.per_image,
+    }
 
 
 def mean_stderr(values: list[float]) -> tuple[float, float]:
@@ -129,15 +158,22 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--accurate", action="store_true", help="also score at accurate fidelity (32 images)")
-    p.add_argument("--eval", nargs="*", default=["fast", "accurate", "dopri5:1e-5"],
-                   help="evaluator settings for the bf16 evaluator check")
+    p.add_argument(
+        "--eval",
+        nargs="*",
+        default=["fast", "accurate", "dopri5:1e-5"],
+        help="evaluator settings for the bf16 evaluator check",
+    )
     p.add_argument("--eval-only", action="store_true", help="only the evaluator check (trains one fp32 model)")
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the space's 160)")
     args = p.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
-          f"1 torch thread per run, {args.workers} at once; load average at start "
-          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}\n", flush=True)
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
+        f"1 torch thread per run, {args.workers} at once; load average at start "
+        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}\n",
+        flush=True,
+    )
     wall = time.perf_counter()
     # fp32 and bf16 of the same (config, seed) are submitted together, so they run side by side under the
     # same machine load.
@@ -150,30 +186,46 @@ def main() -> None:
         for job, fut in zip(jobs, futures):
             runs[job] = fut.result()
             r = runs[job]
-            print(f"  trained {job}: {r['train_seconds']:.0f} s, fast bpd {r['fast']['bpd']:.4f}", file=sys.stderr, flush=True)
+            print(
+                f"  trained {job}: {r['train_seconds']:.0f} s, fast bpd {r['fast']['bpd']:.4f}",
+                file=sys.stderr,
+                flush=True,
+            )
 
         fidelities = ("fast", "accurate") if args.accurate else ("fast",)
         base = config(args.configs[0], args.seeds[0], "fp32", args.steps)
         for fidelity in fidelities if not args.eval_only else ():
             fid = base.eval.fast if fidelity == "fast" else base.eval.accurate
-            print(f"### val bits/dim at {fidelity} fidelity ({fid.n_images} images, {fid.describe()}), "
-                  f"after {base.train.steps} steps\n")
+            print(
+                f"### val bits/dim at {fidelity} fidelity ({fid.n_images} images, {fid.describe()}), "
+                f"after {base.train.steps} steps\n"
+            )
             print("| config | seed | fp32 bpd | bf16 bpd | bf16 - fp32 | fp32 train s | bf16 train s |")
             print("|---|---:|---:|---:|---:|---:|---:|")
             for n in args.configs:
                 for s in args.seeds:
                     a, b = runs[(n, s, "fp32")], runs[(n, s, "bf16")]
-                    print(f"| {n} | {s} | {a[fidelity]['bpd']:.4f} | {b[fidelity]['bpd']:.4f} | "
-                          f"{b[fidelity]['bpd'] - a[fidelity]['bpd']:+.4f} | {a['train_seconds']:.0f} | {b['train_seconds']:.0f} |")
+                    print(
+                        f"| {n} | {s} | {a[fidelity]['bpd']:.4f} | {b[fidelity]['bpd']:.4f} | "
+                        f"{b[fidelity]['bpd'] - a[fidelity]['bpd']:+.4f} | {a['train_seconds']:.0f} | {b['train_seconds']:.0f} |"
+                    )
             print()
-            print("| config | mean paired diff (bf16 - fp32) ± stderr | fp32 seed-to-seed sd | mean train s fp32 / bf16 |")
+            print(
+                "| config | mean paired diff (bf16 - fp32) ± stderr | fp32 seed-to-seed sd | mean train s fp32 / bf16 |"
+            )
             print("|---|---:|---:|---:|")
             every = []
             for n in args.configs:
-                diffs = [runs[(n, s, "bf16")][fidelity]["bpd"] - runs[(n, s, "fp32")][fidelity]["bpd"] for s in args.seeds]
+                diffs = [
+                    runs[(n, s, "bf16")][fidelity]["bpd"] - runs[(n, s, "fp32")][fidelity]["bpd"] for s in args.seeds
+                ]
                 every += diffs
                 m, se = mean_stderr(diffs)
-                sd = statistics.stdev([runs[(n, s, "fp32")][fidelity]["bpd"] for s in args.seeds]) if len(args.seeds) > 1 else math.nan
+                sd = (
+                    statistics.stdev([runs[(n, s, "fp32")][fidelity]["bpd"] for s in args.seeds])
+                    if len(args.seeds) > 1
+                    else math.nan
+                )
                 t32 = statistics.fmean(runs[(n, s, "fp32")]["train_seconds"] for s in args.seeds)
                 t16 = statistics.fmean(runs[(n, s, "bf16")]["train_seconds"] for s in args.seeds)
                 print(f"| {n} | {m:+.4f} ± {se:.4f} | {sd:.4f} | {t32:.0f} / {t16:.0f} ({t32 / t16:.2f}x) |")
@@ -187,20 +239,30 @@ def main() -> None:
             jobs = [(setting, prec) for setting in args.eval for prec in ("fp32", "bf16")]
             futures = [pool.submit(score_in, name, state, setting, prec) for setting, prec in jobs]
             res = {job: fut.result() for job, fut in zip(jobs, futures)}
-            print(f"### the likelihood evaluator in bf16: the fp32-trained {name} (seed {args.seeds[0]}), "
-                  f"{cfg.eval.fast.n_images} images, same noise and probes\n")
-            print("| solver | fp32 bpd | bf16 bpd | bf16 - fp32 | max per-image abs diff | fp32 NFE | bf16 NFE | fp32 s | bf16 s |")
+            print(
+                f"### the likelihood evaluator in bf16: the fp32-trained {name} (seed {args.seeds[0]}), "
+                f"{cfg.eval.fast.n_images} images, same noise and probes\n"
+            )
+            print(
+                "| solver | fp32 bpd | bf16 bpd | bf16 - fp32 | max per-image abs diff | fp32 NFE | bf16 NFE | fp32 s | bf16 s |"
+            )
             print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
             for setting in args.eval:
                 a, b = res[(setting, "fp32")], res[(setting, "bf16")]
                 if a["failed"] or b["failed"]:
-                    print(f"| {a['setting']} | {a['bpd']:.4f} | {b['bpd']:.4f} | failed: {a['reason'] or b['reason']} | | {a['nfe']} | {b['nfe']} | | |")
+                    print(
+                        f"| {a['setting']} | {a['bpd']:.4f} | {b['bpd']:.4f} | failed: {a['reason'] or b['reason']} | | {a['nfe']} | {b['nfe']} | | |"
+                    )
                     continue
                 worst = max(abs(x - y) for x, y in zip(a["per_image"], b["per_image"]))
-                print(f"| {a['setting']} | {a['bpd']:.4f} | {b['bpd']:.4f} | {b['bpd'] - a['bpd']:+.4f} | {worst:.4f} | "
-                      f"{a['nfe']} | {b['nfe']} | {a['seconds']:.1f} | {b['seconds']:.1f} |")
-    print(f"\nwall time {time.perf_counter() - wall:.0f} s; load average at the end "
-          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+                print(
+                    f"| {a['setting']} | {a['bpd']:.4f} | {b['bpd']:.4f} | {b['bpd'] - a['bpd']:+.4f} | {worst:.4f} | "
+                    f"{a['nfe']} | {b['nfe']} | {a['seconds']:.1f} | {b['seconds']:.1f} |"
+                )
+    print(
+        f"\nwall time {time.perf_counter() - wall:.0f} s; load average at the end "
+        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}"
+    )
 
 
 if __name__ == "__main__":

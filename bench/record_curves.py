@@ -36,8 +36,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-COLUMNS = ["lr", "batch_size", "num_res_blocks", "ch_mult", "step", "sampling_eps", "val_bpd", "val_bpd_stderr",
-           "nfe", "eval_seconds", "train_seconds", "setup_seconds", "train_loss", "val_dsm", "diverged", "precision"]
+COLUMNS = [
+    "lr",
+    "batch_size",
+    "num_res_blocks",
+    "ch_mult",
+    "step",
+    "sampling_eps",
+    "val_bpd",
+    "val_bpd_stderr",
+    "nfe",
+    "eval_seconds",
+    "train_seconds",
+    "setup_seconds",
+    "train_loss",
+    "val_dsm",
+    "diverged",
+    "precision",
+]
 DEFAULT_LRS = [1e-5, 5.6e-5, 3.2e-4, 1e-3, 3.2e-3, 1e-2]
 DEFAULT_EPS = [1e-5, 1e-4, 1e-3]
 
@@ -47,8 +63,10 @@ _worker: dict = {}
 def grid(space, lrs: list[float]) -> list[dict]:
     by_name = {hp.name: hp for hp in space.hyperparameters}
     labels = [by_name[n].labels() for n in ("batch_size", "num_res_blocks", "ch_mult")]
-    points = [{"lr": lr, "batch_size": b, "num_res_blocks": r, "ch_mult": m}
-              for lr, b, r, m in itertools.product(lrs, *labels)]
+    points = [
+        {"lr": lr, "batch_size": b, "num_res_blocks": r, "ch_mult": m}
+        for lr, b, r, m in itertools.product(lrs, *labels)
+    ]
     # A fixed shuffle: a recording that stops part-way leaves a balanced sample of the grid, not its corner.
     random.Random(0).shuffle(points)
     return points
@@ -69,8 +87,7 @@ def _init_worker(space_path: str) -> None:
     space = load_space(space_path)
     base = space.base_config
     data = load_data(base.data)
-    _worker.update(space=space, data=data,
-                   evaluator=LikelihoodEvaluator.build(data.val, base.eval, base.data.centered))
+    _worker.update(space=space, data=data, evaluator=LikelihoodEvaluator.build(data.val, base.eval, base.data.centered))
 
 
 def _folder(weights: Path, point: dict) -> Path:
@@ -98,14 +115,21 @@ def train_one(args: tuple[dict, str]) -> dict:
     for record in trainer.run():
         if not record["diverged"] and "val_dsm" not in record:
             continue
-        rung = {"step": record["step"], "train_seconds": time.perf_counter() - segment_start,
-                "train_loss": record.get("train_loss", math.nan), "val_dsm": record.get("val_dsm", math.nan),
-                "precision": record.get("precision", trainer.precision), "diverged": bool(record["diverged"])}
+        rung = {
+            "step": record["step"],
+            "train_seconds": time.perf_counter() - segment_start,
+            "train_loss": record.get("train_loss", math.nan),
+            "val_dsm": record.get("val_dsm", math.nan),
+            "precision": record.get("precision", trainer.precision),
+            "diverged": bool(record["diverged"]),
+        }
         rungs.append(rung)
         if record["diverged"]:
             break
-        torch.save({"config": cfg.to_dict(), "model": trainer.eval_model.state_dict(), "ema": None},
-                   folder / f"step{record['step']}.pt")
+        torch.save(
+            {"config": cfg.to_dict(), "model": trainer.eval_model.state_dict(), "ema": None},
+            folder / f"step{record['step']}.pt",
+        )
         segment_start = time.perf_counter()
     summary = {**point, "setup_seconds": setup, "rungs": rungs}
     (folder / "rungs.json").write_text(json.dumps(summary))  # written last: the config's "done" mark
@@ -128,18 +152,40 @@ def score_one(args: tuple[dict, str, list[float]]) -> list[dict]:
     summary = json.loads((folder / "rungs.json").read_text())
     rows = []
     for rung in summary["rungs"]:
-        common = {**point, **{k: rung[k] for k in ("step", "train_seconds", "train_loss", "val_dsm", "precision")},
-                  "setup_seconds": summary["setup_seconds"]}
+        common = {
+            **point,
+            **{k: rung[k] for k in ("step", "train_seconds", "train_loss", "val_dsm", "precision")},
+            "setup_seconds": summary["setup_seconds"],
+        }
         if rung["diverged"]:
-            rows += [{**common, "sampling_eps": eps, "val_bpd": math.inf, "val_bpd_stderr": math.nan, "nfe": 0,
-                      "eval_seconds": 0.0, "diverged": True} for eps in eps_grid]
+            rows += [
+                {
+                    **common,
+                    "sampling_eps": eps,
+                    "val_bpd": math.inf,
+                    "val_bpd_stderr": math.nan,
+                    "nfe": 0,
+                    "eval_seconds": 0.0,
+                    "diverged": True,
+                }
+                for eps in eps_grid
+            ]
             continue
         cfg, model = eval_model_from_checkpoint(torch.load(folder / f"step{rung['step']}.pt", weights_only=True))
         sde = make_sde(cfg.sde)
         for eps in eps_grid:
             r = evaluator.evaluate(score_fn(model, sde), sde, eps, "fast")
-            rows.append({**common, "sampling_eps": eps, "val_bpd": r.mean, "val_bpd_stderr": r.stderr,
-                         "nfe": r.nfe, "eval_seconds": r.seconds, "diverged": False})
+            rows.append(
+                {
+                    **common,
+                    "sampling_eps": eps,
+                    "val_bpd": r.mean,
+                    "val_bpd_stderr": r.stderr,
+                    "nfe": r.nfe,
+                    "eval_seconds": r.seconds,
+                    "diverged": False,
+                }
+            )
     return rows
 
 
@@ -168,9 +214,13 @@ def main(argv: list[str] | None = None) -> int:
         # Weights stay on the machine that trained them; a config already in the table needs none.
         trained = [p for p in points if (_folder(weights, p) / "rungs.json").exists() or key(p) in scored]
         todo = [p for p in points if p not in trained][: args.limit]
-        _run_pool(f"train: {len(points)} grid points, {len(trained)} trained", args, train_one,
-                  [(p, str(weights)) for p in todo], lambda s: f"step {s['rungs'][-1]['step']}, "
-                  f"{sum(r['train_seconds'] for r in s['rungs']):.0f} s of training")
+        _run_pool(
+            f"train: {len(points)} grid points, {len(trained)} trained",
+            args,
+            train_one,
+            [(p, str(weights)) for p in todo],
+            lambda s: f"step {s['rungs'][-1]['step']}, {sum(r['train_seconds'] for r in s['rungs']):.0f} s of training",
+        )
     if args.phase in ("score", "both"):
         out.parent.mkdir(parents=True, exist_ok=True)
         done = scored
@@ -187,8 +237,13 @@ def main(argv: list[str] | None = None) -> int:
                 os.fsync(f.fileno())
                 return f"{len(rows)} rows, last val_bpd {rows[-1]['val_bpd']:.3f}"
 
-            _run_pool(f"score: {len(points)} grid points, {len(done)} in {out}", args, score_one,
-                      [(p, str(weights), args.eps) for p in todo], append)
+            _run_pool(
+                f"score: {len(points)} grid points, {len(done)} in {out}",
+                args,
+                score_one,
+                [(p, str(weights), args.eps) for p in todo],
+                append,
+            )
     return 0
 
 

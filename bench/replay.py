@@ -14,12 +14,11 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pandas as pd
-
 from ray.tune.schedulers import TrialScheduler
 
 HP = ("lr", "batch_size", "num_res_blocks", "ch_mult")
@@ -53,7 +52,7 @@ class CurveTable:
         self.full_steps = int(frame["step"].max())
 
     @classmethod
-    def read(cls, path) -> "CurveTable":
+    def read(cls, path) -> CurveTable:
         return cls(pd.read_csv(path, dtype={"ch_mult": str}))
 
     @staticmethod
@@ -66,8 +65,9 @@ class CurveTable:
 
     def snap(self, params: dict) -> tuple[tuple, float]:
         """The grid point a proposal lands on, and its eps."""
-        key = self._key(self._nearest_log(self.lrs, params["lr"]), params["batch_size"], params["num_res_blocks"],
-                        params["ch_mult"])
+        key = self._key(
+            self._nearest_log(self.lrs, params["lr"]), params["batch_size"], params["num_res_blocks"], params["ch_mult"]
+        )
         return key, self._nearest_log(self.eps, params.get("sampling_eps", self.eps[0]))
 
 
@@ -138,8 +138,13 @@ def simulate(strategy: Strategy, table: CurveTable, seed: int, horizon_s: float,
             eps, (value, _) = min(rung.by_eps.items(), key=lambda kv: kv[1][0])
         else:
             eps, value = s["eps"], rung.by_eps[s["eps"]][0]
-        result = {"step": rung.step, "val_bpd": value, "sampling_eps": eps, "diverged": rung.diverged,
-                  "training_iteration": s["i"] + 1}
+        result = {
+            "step": rung.step,
+            "val_bpd": value,
+            "sampling_eps": eps,
+            "diverged": rung.diverged,
+            "training_iteration": s["i"] + 1,
+        }
         reports.append((now, value))
         decision = scheduler.on_trial_result(None, _Trial(trial_id), result)
         searcher.on_trial_result(trial_id, result)
@@ -181,8 +186,9 @@ def compare_medians(ours: tuple[float, float, float], theirs: tuple[float, float
     return "intervals overlap"
 
 
-def speedup_interval(baseline_times, times, confidence: float = 0.95, resamples: int = 2000,
-                     seed: int = 0) -> tuple[float, float]:
+def speedup_interval(
+    baseline_times, times, confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
     """A percentile-bootstrap interval for median(baseline_times) / median(times), resampling the seeds of
     each strategy on its own. A target never reached is inf, so a resampled ratio can be inf (or 0)."""
     rng = np.random.default_rng(seed)
@@ -194,5 +200,7 @@ def speedup_interval(baseline_times, times, confidence: float = 0.95, resamples:
         ratios = np.where(np.isinf(b) & np.isinf(o), np.nan, b / o)
     ratios = ratios[~np.isnan(ratios)]
     alpha = (1 - confidence) / 2
-    return (float(np.percentile(ratios, 100 * alpha, method="lower")),
-            float(np.percentile(ratios, 100 * (1 - alpha), method="higher")))
+    return (
+        float(np.percentile(ratios, 100 * alpha, method="lower")),
+        float(np.percentile(ratios, 100 * (1 - alpha), method="higher")),
+    )

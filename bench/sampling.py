@@ -41,11 +41,20 @@ ODE_FRAMES = ["logsnr", "t"]
 
 
 def briefly_trained(model_cfg: dict, train_steps: int, data) -> tuple[TrialConfig, torch.nn.Module]:
-    cfg = TrialConfig.from_dict({
-        "model": {**model_cfg, "dropout": 0.0},
-        "train": {"steps": max(train_steps, 1), "batch_size": 16, "lr": 2e-3, "ema_decay": 0.0,
-                  "val_every": max(train_steps, 1), "val_images": 16, "device": "cpu"},
-    })
+    cfg = TrialConfig.from_dict(
+        {
+            "model": {**model_cfg, "dropout": 0.0},
+            "train": {
+                "steps": max(train_steps, 1),
+                "batch_size": 16,
+                "lr": 2e-3,
+                "ema_decay": 0.0,
+                "val_every": max(train_steps, 1),
+                "val_images": 16,
+                "device": "cpu",
+            },
+        }
+    )
     trainer = Trainer(cfg, data, device="cpu")
     if train_steps > 0:
         for _ in trainer.run():
@@ -83,37 +92,76 @@ def main() -> None:
         if not args.ode_only:
             seconds_per_eval = []
             for steps, corrector in PC_SETTINGS:
-                x, seconds = timed(lambda: pc_sample(score, sde, shape, eps=sde_cfg.sampling_eps, steps=steps,
-                                                     corrector_steps=corrector,
-                                                     generator=torch.Generator().manual_seed(0)))
+                x, seconds = timed(
+                    lambda: pc_sample(
+                        score,
+                        sde,
+                        shape,
+                        eps=sde_cfg.sampling_eps,
+                        steps=steps,
+                        corrector_steps=corrector,
+                        generator=torch.Generator().manual_seed(0),
+                    )
+                )
                 evals = steps * (1 + corrector)
                 seconds_per_eval.append(seconds / evals)
-                rows.append((label, "PC", f"{steps} steps x (1 + {corrector})", evals, seconds / args.batch, "measured"))
+                rows.append(
+                    (label, "PC", f"{steps} steps x (1 + {corrector})", evals, seconds / args.batch, "measured")
+                )
                 print(f"  PC {steps}x(1+{corrector}): {seconds:.1f} s", flush=True)
             steps, corrector = PC_DEFAULT
             evals = steps * (1 + corrector)
             per_eval = sum(seconds_per_eval) / len(seconds_per_eval)
-            rows.append((label, "PC", f"{steps} steps x (1 + {corrector})", evals, per_eval * evals / args.batch,
-                         "extrapolated"))
+            rows.append(
+                (
+                    label,
+                    "PC",
+                    f"{steps} steps x (1 + {corrector})",
+                    evals,
+                    per_eval * evals / args.batch,
+                    "extrapolated",
+                )
+            )
 
         for tol in ODE_TOLERANCES:
             for frame in ODE_FRAMES:  # back to back, so load drifts hit both frames alike
-                (x, nfe), seconds = timed(lambda: ode_sample(score, sde, shape, eps=sde_cfg.sampling_eps, rtol=tol,
-                                                             atol=tol, frame=frame,
-                                                             generator=torch.Generator().manual_seed(0)))
-                rows.append((label, "ODE", f"{frame} frame, dopri5, rtol = atol = {tol:g}", nfe,
-                             seconds / args.batch, "measured"))
+                (x, nfe), seconds = timed(
+                    lambda: ode_sample(
+                        score,
+                        sde,
+                        shape,
+                        eps=sde_cfg.sampling_eps,
+                        rtol=tol,
+                        atol=tol,
+                        frame=frame,
+                        generator=torch.Generator().manual_seed(0),
+                    )
+                )
+                rows.append(
+                    (
+                        label,
+                        "ODE",
+                        f"{frame} frame, dopri5, rtol = atol = {tol:g}",
+                        nfe,
+                        seconds / args.batch,
+                        "measured",
+                    )
+                )
                 print(f"  ODE {frame} {tol:g}: {nfe} NFE, {seconds:.1f} s", flush=True)
 
     print()
-    print(f"Sampling cost on CPU ({args.threads} thread(s), batches of {args.batch} images, "
-          f"models trained {args.train_steps} DSM steps; {os.cpu_count()} cores, 1-minute load average "
-          f"{load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end)")
+    print(
+        f"Sampling cost on CPU ({args.threads} thread(s), batches of {args.batch} images, "
+        f"models trained {args.train_steps} DSM steps; {os.cpu_count()} cores, 1-minute load average "
+        f"{load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end)"
+    )
     print()
     print("| model | sampler | setting | score evaluations | s / image | ms / evaluation / image | timing |")
     print("|---|---|---|---:|---:|---:|---|")
     for label, sampler, setting, evals, per_image, how in rows:
-        print(f"| {label} | {sampler} | {setting} | {evals} | {per_image:.2f} | {1e3 * per_image / evals:.1f} | {how} |")
+        print(
+            f"| {label} | {sampler} | {setting} | {evals} | {per_image:.2f} | {1e3 * per_image / evals:.1f} | {how} |"
+        )
 
 
 if __name__ == "__main__":

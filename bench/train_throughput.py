@@ -29,20 +29,41 @@ from trials.precision import resolve_precision
 from trials.trainer import Trainer
 
 MODELS = {
-    "small": ("small CPU (ch 16, [1,2,2], 1 block)",
-              {"ch": 16, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}, 64),
-    "cpu": ("cpu.yaml winner (ch 12, [1,2,4], 2 blocks)",
-            {"ch": 12, "ch_mult": [1, 2, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}, 128),
-    "seed": ("seed (ch 32, [1,2,2], 2 blocks, attn 7)",
-             {"ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 2, "attn_resolutions": [7], "dropout": 0.1}, 128),
+    "small": (
+        "small CPU (ch 16, [1,2,2], 1 block)",
+        {"ch": 16, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0},
+        64,
+    ),
+    "cpu": (
+        "cpu.yaml winner (ch 12, [1,2,4], 2 blocks)",
+        {"ch": 12, "ch_mult": [1, 2, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0},
+        128,
+    ),
+    "seed": (
+        "seed (ch 32, [1,2,2], 2 blocks, attn 7)",
+        {"ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 2, "attn_resolutions": [7], "dropout": 0.1},
+        128,
+    ),
 }
 
 
 def measure(model: dict, batch: int, steps: int, threads: int, precision: str, data) -> dict:
     # val_images 1: Trainer.run validates at the step it stops at, and that forward pass is not training.
-    cfg = TrialConfig.from_dict({"model": model, "train": {
-        "batch_size": batch, "steps": steps + 2, "num_threads": threads, "val_every": 10_000, "log_every": 10_000,
-        "val_images": 1, "device": "cpu", "precision": precision}})
+    cfg = TrialConfig.from_dict(
+        {
+            "model": model,
+            "train": {
+                "batch_size": batch,
+                "steps": steps + 2,
+                "num_threads": threads,
+                "val_every": 10_000,
+                "log_every": 10_000,
+                "val_images": 1,
+                "device": "cpu",
+                "precision": precision,
+            },
+        }
+    )
     trainer = Trainer(cfg, data)
     list(trainer.run(until_step=2))  # warm-up: allocator, kernels
     start = time.perf_counter()
@@ -52,8 +73,12 @@ def measure(model: dict, batch: int, steps: int, threads: int, precision: str, d
     for _ in range(steps):
         trainer._draw_batch()  # the loop's own batch preparation, timed alone
     batch_seconds = (time.perf_counter() - start) / steps
-    return {"params": count_parameters(trainer.model), "images_per_sec": batch / step_seconds,
-            "step_seconds": step_seconds, "batch_seconds": batch_seconds}
+    return {
+        "params": count_parameters(trainer.model),
+        "images_per_sec": batch / step_seconds,
+        "step_seconds": step_seconds,
+        "batch_seconds": batch_seconds,
+    }
 
 
 def load() -> str:
@@ -68,11 +93,15 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     args = p.parse_args()
     data = load_data(TrialConfig().data)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
-          f"train.precision auto resolves to {resolve_precision('auto', torch.device('cpu'))} here; "
-          f"{args.steps} timed steps x {args.rounds} rounds per row; load average before: {load()}\n")
-    print("| model | params | batch | threads | fp32 images/s | bf16 images/s | bf16 / fp32 | fp32 ms/step | "
-          "bf16 ms/step | time outside the model step |")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
+        f"train.precision auto resolves to {resolve_precision('auto', torch.device('cpu'))} here; "
+        f"{args.steps} timed steps x {args.rounds} rounds per row; load average before: {load()}\n"
+    )
+    print(
+        "| model | params | batch | threads | fp32 images/s | bf16 images/s | bf16 / fp32 | fp32 ms/step | "
+        "bf16 ms/step | time outside the model step |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for key in args.models:
         name, model, batch = MODELS[key]
@@ -82,11 +111,16 @@ def main() -> None:
                 for precision in ("fp32", "bf16") if i % 2 == 0 else ("bf16", "fp32"):
                     runs[precision].append(measure(model, batch, args.steps, threads, precision, data))
             ips = {k: statistics.median(r["images_per_sec"] for r in v) for k, v in runs.items()}
-            ratio = statistics.median(b["images_per_sec"] / a["images_per_sec"] for a, b in zip(runs["fp32"], runs["bf16"]))
+            ratio = statistics.median(
+                b["images_per_sec"] / a["images_per_sec"] for a, b in zip(runs["fp32"], runs["bf16"])
+            )
             step = {k: statistics.median(r["step_seconds"] for r in v) for k, v in runs.items()}
             outside = statistics.median(r["batch_seconds"] for r in runs["fp32"]) / step["fp32"]
-            print(f"| {name} | {runs['fp32'][0]['params']:,} | {batch} | {threads} | {ips['fp32']:.0f} | {ips['bf16']:.0f} | "
-                  f"{ratio:.2f}x | {1000 * step['fp32']:,.0f} | {1000 * step['bf16']:,.0f} | {100 * outside:.1f}% |", flush=True)
+            print(
+                f"| {name} | {runs['fp32'][0]['params']:,} | {batch} | {threads} | {ips['fp32']:.0f} | {ips['bf16']:.0f} | "
+                f"{ratio:.2f}x | {1000 * step['fp32']:,.0f} | {1000 * step['bf16']:,.0f} | {100 * outside:.1f}% |",
+                flush=True,
+            )
     print(f"\nload average after: {load()}")
 
 

@@ -1,15 +1,18 @@
 """Tuning efficiency: does the search find better configs faster than random search + FIFO (the seed's setup)?
 
-    python bench/tuning_efficiency.py --replay [--seeds 50] [--table bench/data/cpu_curves.csv]
+    python bench/tuning_efficiency.py --replay [--seeds 50] [--slots 2] [--budgets 5 10 20 40] [--table ...]
     python bench/tuning_efficiency.py --live [--budget 480] [--seeds 0] [--strategies default random-fifo]
 
 --replay (minutes on 2 cores) replays each strategy against the recorded learning curves of
-bench/record_curves.py in simulated time, 2 trials at a time, over many seeds, driving the libraries' own
-searcher and scheduler code (bench/replay.py). It prints, per strategy, the median best fast val bits/dim at
-budgets of 5, 10, 20 and 40 minutes with its 95% interval and interquartile range, the median time to a
-common target (the median 40-minute best of random + FIFO) and, as the last line,
-`speedup_vs_random_fifo: X`: random + FIFO's median time to target over the default strategy's (the
-space's own search settings).
+bench/record_curves.py in simulated time, `--slots` trials at a time (2 by default), over many seeds, driving
+the libraries' own searcher and scheduler code (bench/replay.py). It prints, per strategy, the median best
+fast val bits/dim at each budget (5, 10, 20 and 40 minutes at 2 slots) with its 95% interval and
+interquartile range, the median time to a common target (random + FIFO's median best at the last budget)
+and, as the last line, `speedup_vs_random_fifo: X`: random + FIFO's median time to target over the default
+strategy's (the space's own search settings).
+
+At more slots the default budgets shrink in proportion (at 8 slots: 1.25, 2.5, 5 and 10 minutes), so every
+slot count is compared at the same compute, in trial-minutes; `--budgets` sets wall-clock minutes instead.
 
 --live runs `tune.py` on the real space once per (strategy, seed) with a wall-clock budget and reports the
 same figures from the trials' real histories.
@@ -30,6 +33,20 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 BUDGETS_MIN = (5, 10, 20, 40)
+BUDGET_SLOTS = 2  # the slots BUDGETS_MIN are for; other slot counts get the same trial-minutes by default
+
+
+def replay_budgets(slots: int, budgets: list[float] | None = None) -> tuple[float, ...]:
+    """The budgets in wall-clock minutes: as given, or BUDGETS_MIN's compute spread over `slots`."""
+    if budgets:
+        return tuple(sorted(budgets))
+    return tuple(b * BUDGET_SLOTS / slots for b in BUDGETS_MIN)
+
+
+def minutes(value: float) -> str:
+    return f"{value:g} min"
+
+
 LIVE = {"default": None, "random-fifo": ("random", "fifo")}  # None: the space's own search settings
 
 
@@ -41,8 +58,16 @@ def run_experiment(space: dict, label: str, seed: int, budget: float, workdir: P
     raw["search"].update(seed=seed, num_samples=200, top_k=1)
     path = workdir / f"{raw['name']}.yaml"
     path.write_text(yaml.safe_dump(raw))
-    cmd = [sys.executable, str(ROOT / "tune.py"), "--space", str(path), "--storage", str(workdir / "runs"),
-           "--time-budget", str(budget)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "tune.py"),
+        "--space",
+        str(path),
+        "--storage",
+        str(workdir / "runs"),
+        "--time-budget",
+        str(budget),
+    ]
     print(f"running {raw['name']} ({budget:.0f} s budget) ...", file=sys.stderr, flush=True)
     out = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
     if out.returncode != 0:
@@ -90,19 +115,30 @@ def replay_strategies(space, table) -> tuple[dict, str]:
 
     def ours(algorithm: str, startup: int, drop: tuple[str, ...] = ()):
         dists = {k: v for k, v in space.to_optuna().items() if k not in drop}
-        return lambda seed: OptunaSearcher(dists, make_sampler(algorithm, seed, startup), metric=METRIC, mode=MODE,
-                                           full_steps=full, study_name=f"replay-{seed}")
+        return lambda seed: OptunaSearcher(
+            dists,
+            make_sampler(algorithm, seed, startup),
+            metric=METRIC,
+            mode=MODE,
+            full_steps=full,
+            study_name=f"replay-{seed}",
+        )
 
     def ray_tpe(seed):  # the searcher before issue 12: every trial told COMPLETE at whatever step it ended
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        return OptunaSearch(space=space.to_optuna(), metric=METRIC, mode=MODE,
-                            sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=4))
+        return OptunaSearch(
+            space=space.to_optuna(),
+            metric=METRIC,
+            mode=MODE,
+            sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=4),
+        )
 
     def scheduler(name: str, grace: int = 40, rf: int = 2):
         if name == "fifo":
             return FIFOScheduler
-        return lambda: ASHAScheduler(time_attr="step", metric=METRIC, mode=MODE, max_t=full, grace_period=grace,
-                                     reduction_factor=rf)
+        return lambda: ASHAScheduler(
+            time_attr="step", metric=METRIC, mode=MODE, max_t=full, grace_period=grace, reduction_factor=rf
+        )
 
     def row(algorithm, sched, grace=40, rf=2, startup=4):
         label = strategy_label(algorithm, sched, grace, rf, startup)
@@ -112,20 +148,27 @@ def replay_strategies(space, table) -> tuple[dict, str]:
         label = f"{strategy_label('tpe', 'asha', 40, 2, 4)}, {suffix}"
         return label, Strategy(searcher, scheduler("asha"), **strategy)
 
-    rows = dict([
-        row("random", "fifo"),
-        row("random", "asha"),
-        variant("Ray's OptunaSearch (before)", ray_tpe),
-        row("tpe", "asha"),
-        row("tpe", "fifo"),
-        row("gp", "asha"),
-        row("gp", "fifo"),
-        variant("eps at scoring", ours("tpe", 4, ("sampling_eps",)), eps_at_scoring=True),
-        row("tpe", "asha", rf=3),
-        row("tpe", "asha", rf=4),
-        row("tpe", "asha", grace=80),
-        row("tpe", "asha", startup=8),
-    ])
+    rows = dict(
+        [
+            row("random", "fifo"),
+            row("random", "asha"),
+            variant("Ray's OptunaSearch (before)", ray_tpe),
+            row("tpe", "asha"),
+            row("tpe", "fifo"),
+            row("gp", "asha"),
+            row("gp", "fifo"),
+            variant("eps at scoring", ours("tpe", 4, ("sampling_eps",)), eps_at_scoring=True),
+            row("tpe", "asha", rf=3),
+            row("tpe", "asha", rf=4),
+            row("tpe", "asha", grace=80),
+            row("tpe", "asha", startup=8),
+            # Candidates for vpsde.yaml (8 slots): its own rf 3 with Optuna's 10 start-up trials, and around them.
+            row("tpe", "asha", rf=3, startup=10),
+            row("tpe", "asha", rf=3, startup=8),
+            row("tpe", "asha", rf=4, startup=8),
+            row("tpe", "asha", rf=4, startup=16),
+        ]
+    )
     default, strategy = row(s.algorithm, s.scheduler, s.grace_period, s.reduction_factor, s.startup_trials)
     rows.setdefault(default, strategy)
     return rows, default
@@ -138,15 +181,21 @@ def _init_replay_worker() -> None:
     torch.set_num_threads(1)
 
 
+_WORKER_CACHE: dict[tuple[str, str], tuple] = {}
+
+
 def _replay_job(job):
     label, seed, args = job
     from bench.replay import CurveTable, simulate
     from tuner.space import load_space
 
-    space = load_space(args["space"])
-    table = CurveTable.read(args["table"])
-    strategy = replay_strategies(space, table)[0][label]
-    return label, seed, simulate(strategy, table, seed, max(BUDGETS_MIN) * 60.0, slots=args["slots"])
+    key = (args["space"], args["table"])
+    if key not in _WORKER_CACHE:  # read once per worker, not once per run: a run at 8 slots takes about 1 s
+        space = load_space(args["space"])
+        table = CurveTable.read(args["table"])
+        _WORKER_CACHE[key] = table, replay_strategies(space, table)[0]
+    table, strategies = _WORKER_CACHE[key]
+    return label, seed, simulate(strategies[label], table, seed, args["horizon_min"] * 60.0, slots=args["slots"])
 
 
 def replay(args) -> None:
@@ -162,49 +211,75 @@ def replay(args) -> None:
     baseline = next(iter(strategies))
     labels = list(strategies)
     if args.strategies:  # the baseline and the default always run: the last line compares them
-        labels = [l for l in labels if any(w in l for w in args.strategies) or l in (baseline, default)]
-    jobs = [(label, seed, {"space": str(args.space), "table": str(args.table), "slots": args.slots})
-            for label in labels for seed in range(args.first_seed, args.first_seed + args.seeds)]
-    print(f"replaying {len(labels)} strategies x {args.seeds} seeds on {args.table} "
-          f"({len(table.curves)} recorded configs, {args.slots} trials at a time) ...", file=sys.stderr, flush=True)
+        labels = [label for label in labels if any(w in label for w in args.strategies) or label in (baseline, default)]
+    budgets = replay_budgets(args.slots, args.budgets)
+    horizon_min = budgets[-1]
+    jobs = [
+        (
+            label,
+            seed,
+            {"space": str(args.space), "table": str(args.table), "slots": args.slots, "horizon_min": horizon_min},
+        )
+        for label in labels
+        for seed in range(args.first_seed, args.first_seed + args.seeds)
+    ]
+    print(
+        f"replaying {len(labels)} strategies x {args.seeds} seeds on {args.table} "
+        f"({len(table.curves)} recorded configs, {args.slots} trials at a time) ...",
+        file=sys.stderr,
+        flush=True,
+    )
     runs: dict[str, list] = {label: [] for label in labels}
     start = time.time()
     with mp.get_context("spawn").Pool(args.workers, initializer=_init_replay_worker) as pool:
-        for i, (label, seed, run) in enumerate(pool.imap_unordered(_replay_job, jobs), 1):
+        for i, (label, _seed, run) in enumerate(pool.imap_unordered(_replay_job, jobs), 1):
             runs[label].append(run)
             if i % 25 == 0 or i == len(jobs):
                 print(f"  {i}/{len(jobs)} runs, {time.time() - start:.0f} s", file=sys.stderr, flush=True)
 
-    horizon = max(BUDGETS_MIN) * 60
+    horizon = horizon_min * 60
     target = float(np.median([r.best_by(horizon) for r in runs[baseline]]))
     best_grid = table.frame.loc[table.frame.val_bpd.map(math.isfinite), "val_bpd"].min()
     seeds = f"seeds {args.first_seed}-{args.first_seed + args.seeds - 1}"
-    print(f"\nReplay of {args.table} ({len(table.curves)} configs, best recorded {best_grid:.3f} bits/dim), "
-          f"{args.seeds} seeds ({seeds}), {args.slots} trials at a time. Best fast val bits/dim by budget: median "
-          f"[95% interval of the median] (IQR). Target = random + FIFO's median 40-minute best = {target:.3f}.\n")
-    print("| strategy | " + " | ".join(f"{b} min" for b in BUDGETS_MIN) + " | time to target, min: median (IQR) | reached | trials in 40 min |")
-    print("|---|" + "---:|" * (len(BUDGETS_MIN) + 3))
-    ttt, minutes, medians = {}, {}, {}  # per label: median time to target, the times, (median, lo, hi) per budget
+    print(
+        f"\nReplay of {args.table} ({len(table.curves)} configs, best recorded {best_grid:.3f} bits/dim), "
+        f"{args.seeds} seeds ({seeds}), {args.slots} trials at a time, budgets in wall-clock minutes "
+        f"({horizon_min * args.slots:g} trial-minutes at the last). Best fast val bits/dim by budget: median "
+        f"[95% interval of the median] (IQR). Target = random + FIFO's median best at {minutes(horizon_min)} "
+        f"= {target:.3f}.\n"
+    )
+    print(
+        "| strategy | " + " | ".join(minutes(b) for b in budgets) + " | time to target, min: median (IQR) | reached | "
+        f"trials in {minutes(horizon_min)} |"
+    )
+    print("|---|" + "---:|" * (len(budgets) + 3))
+    ttt, times_min, medians = {}, {}, {}  # per label: median time to target, the times, (median, lo, hi) per budget
     for label in labels:
         cells = []
-        for b in BUDGETS_MIN:
+        for b in budgets:
             best = [r.best_by(b * 60) for r in runs[label]]
             medians[label, b] = med, lo, hi = median_ci(best)
             q1, q3 = quartiles(best)
             cells.append(f"{med:.3f} [{lo:.3f}, {hi:.3f}] ({q1:.3f}-{q3:.3f})")
-        minutes[label] = times = [r.time_to(target) / 60 for r in runs[label]]
+        times_min[label] = times = [r.time_to(target) / 60 for r in runs[label]]
         ttt[label] = float(np.median(times))
         q1, q3 = quartiles(times)
         reached = sum(math.isfinite(t) for t in times)
         trials = np.median([r.trials for r in runs[label]])
         name = f"**{label}** (default)" if label == default else label
-        print(f"| {name} | " + " | ".join(cells) + f" | {ttt[label]:.1f} ({q1:.1f}-{q3:.1f}) | {reached}/{len(times)} | {trials:.0f} |")
+        print(
+            f"| {name} | "
+            + " | ".join(cells)
+            + f" | {ttt[label]:.1f} ({q1:.1f}-{q3:.1f}) | {reached}/{len(times)} | {trials:.0f} |"
+        )
     print()
-    for b in BUDGETS_MIN:  # the issue's test: medians better with the 95% intervals of the medians apart
+    for b in budgets:  # the issue's test: medians better with the 95% intervals of the medians apart
         ours, theirs = medians[default, b], medians[baseline, b]
-        print(f"{b} min: default {ours[0]:.3f} [{ours[1]:.3f}, {ours[2]:.3f}] against random + FIFO "
-              f"{theirs[0]:.3f} [{theirs[1]:.3f}, {theirs[2]:.3f}]: {compare_medians(ours, theirs)}")
-    lo, hi = speedup_interval(minutes[baseline], minutes[default])
+        print(
+            f"{minutes(b)}: default {ours[0]:.3f} [{ours[1]:.3f}, {ours[2]:.3f}] against random + FIFO "
+            f"{theirs[0]:.3f} [{theirs[1]:.3f}, {theirs[2]:.3f}]: {compare_medians(ours, theirs)}"
+        )
+    lo, hi = speedup_interval(times_min[baseline], times_min[default])
     print(f"speedup 95% interval (bootstrap over seeds): [{lo:.2f}, {hi:.2f}]")
     print(f"speedup_vs_random_fifo: {ttt[baseline] / ttt[default]:.2f}")
 
@@ -218,16 +293,23 @@ def live(args) -> None:
                 history = run_experiment(space, label, seed, args.budget, Path(tmp))
                 results.append((label, seed, history))
     print(f"\nspace {args.space.name}, live, budget {args.budget:.0f} s per run\n")
-    print("| strategy | seed | trials started | rung reports | " +
-          " | ".join(f"best by {b} min" for b in BUDGETS_MIN if b * 60 <= args.budget) + " | best |")
+    print(
+        "| strategy | seed | trials started | rung reports | "
+        + " | ".join(f"best by {b} min" for b in BUDGETS_MIN if b * 60 <= args.budget)
+        + " | best |"
+    )
     print("|---|---:|---:|---:|" + "---:|" * (sum(b * 60 <= args.budget for b in BUDGETS_MIN) + 1))
     for label, seed, h in results:
         cells = [f"{h[h.elapsed <= b * 60].val_bpd.min():.3f}" for b in BUDGETS_MIN if b * 60 <= args.budget]
-        print(f"| {label} | {seed} | {h['trial_id'].nunique()} | {len(h)} | " + " | ".join(cells) + f" | {h.val_bpd.min():.3f} |")
+        print(
+            f"| {label} | {seed} | {h['trial_id'].nunique()} | {len(h)} | "
+            + " | ".join(cells)
+            + f" | {h.val_bpd.min():.3f} |"
+        )
 
 
 def main() -> None:
-    from trials.cli import OneLineArgumentParser, positive_int
+    from trials.cli import OneLineArgumentParser, positive_float, positive_int
 
     p = OneLineArgumentParser(description=__doc__.splitlines()[0])
     mode = p.add_mutually_exclusive_group(required=True)
@@ -236,11 +318,29 @@ def main() -> None:
     p.add_argument("--space", type=Path, default=ROOT / "search_spaces" / "cpu.yaml")
     p.add_argument("--table", type=Path, default=ROOT / "bench" / "data" / "cpu_curves.csv")
     p.add_argument("--seeds", type=positive_int, default=50, help="replay: seeds per strategy")
-    p.add_argument("--first-seed", type=int, default=0,
-                   help="replay: seeds first-seed .. first-seed + seeds - 1 (a fresh range checks a pick made on another)")
-    p.add_argument("--slots", type=int, default=2, help="replay: trials at a time")
+    p.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="replay: seeds first-seed .. first-seed + seeds - 1 (a fresh range checks a pick made on another)",
+    )
+    p.add_argument("--slots", type=positive_int, default=2, help="replay: trials at a time")
+    p.add_argument(
+        "--budgets",
+        type=positive_float,
+        nargs="+",
+        default=None,
+        metavar="MINUTES",
+        help="replay: budgets in wall-clock minutes (default: 5 10 20 40 at 2 slots, the same "
+        "trial-minutes at other slot counts)",
+    )
     p.add_argument("--workers", type=int, default=2, help="replay: processes")
-    p.add_argument("--strategies", nargs="+", default=None, help="replay: run only the strategies whose label contains one of these words (random + FIFO and the default always run); live: default, random-fifo")
+    p.add_argument(
+        "--strategies",
+        nargs="+",
+        default=None,
+        help="replay: run only the strategies whose label contains one of these words (random + FIFO and the default always run); live: default, random-fifo",
+    )
     p.add_argument("--budget", type=float, default=480.0, help="live: seconds per experiment")
     p.add_argument("--live-seeds", type=int, nargs="+", default=[0])
     args = p.parse_args()

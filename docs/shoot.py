@@ -29,8 +29,16 @@ from pathlib import Path
 
 import aiohttp
 
-FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", "--remote-debugging-port=0"]
+FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--remote-debugging-port=0",
+]
 MAX_BYTES = 300_000
 
 # Each returns the centre of the element to click (after scrolling it into view), or null.
@@ -80,8 +88,11 @@ async def shoot(url: str, out: Path, steps: list[str], cookies: list[str], size:
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         sys.exit("docs/shoot.py: error: no chromium on PATH (Debian: apt-get install chromium)")
-    proc = subprocess.Popen([browser, *FLAGS, f"--user-data-dir={profile}", f"--window-size={size[0]},{size[1]}",
-                             "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [browser, *FLAGS, f"--user-data-dir={profile}", f"--window-size={size[0]},{size[1]}", "about:blank"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         port_file = profile / "DevToolsActivePort"
         deadline = time.time() + 60
@@ -96,8 +107,13 @@ async def shoot(url: str, out: Path, steps: list[str], cookies: list[str], size:
             async with session.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as ws:
                 page = Page(ws)
                 await page.send("Page.enable")
-                await page.send("Emulation.setDeviceMetricsOverride", width=size[0], height=size[1],
-                                deviceScaleFactor=1, mobile=False)
+                await page.send(
+                    "Emulation.setDeviceMetricsOverride",
+                    width=size[0],
+                    height=size[1],
+                    deviceScaleFactor=1,
+                    mobile=False,
+                )
                 for cookie in cookies:
                     name, value = cookie.split("=", 1)
                     await page.send("Network.setCookie", name=name, value=value, url=url)
@@ -115,8 +131,10 @@ async def shoot(url: str, out: Path, steps: list[str], cookies: list[str], size:
                             raise RuntimeError(f"{step}: no visible element with that text on {url}")
                     elif kind == "type":
                         selector, _, text = arg.partition("|")
-                        if not await page.js(f"(() => {{ const e = document.querySelector({json.dumps(selector)}); "
-                                             "if (!e) return false; e.focus(); return true; })()"):
+                        if not await page.js(
+                            f"(() => {{ const e = document.querySelector({json.dumps(selector)}); "
+                            "if (!e) return false; e.focus(); return true; })()"
+                        ):
                             raise RuntimeError(f"{step}: no such element on {url}")
                         await page.send("Input.insertText", text=text)
                     elif kind == "key":

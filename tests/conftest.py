@@ -9,11 +9,20 @@ TINY_MODEL = {"ch": 8, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "attn_resoluti
 
 
 def tiny_config(**train) -> TrialConfig:
-    settings = {"lr": 2e-3, "batch_size": 32, "steps": 20, "val_every": 10, "log_every": 5,
-                "val_images": 64, "num_threads": 1, "ema_decay": 0.9}
+    settings = {
+        "lr": 2e-3,
+        "batch_size": 32,
+        "steps": 20,
+        "val_every": 10,
+        "log_every": 5,
+        "val_images": 64,
+        "num_threads": 1,
+        "ema_decay": 0.9,
+    }
     settings.update(train)
-    return TrialConfig.from_dict({"model": TINY_MODEL, "train": settings,
-                                  "eval": {"fast": {"n_images": 8}, "accurate": {"n_images": 16}}})
+    return TrialConfig.from_dict(
+        {"model": TINY_MODEL, "train": settings, "eval": {"fast": {"n_images": 8}, "accurate": {"n_images": 16}}}
+    )
 
 
 @pytest.fixture(scope="session")

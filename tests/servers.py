@@ -30,8 +30,9 @@ def free_port() -> int:
 
 def start(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     with open(log, "a") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env or dict(os.environ),
-                                start_new_session=True)
+        return subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env or dict(os.environ), start_new_session=True
+        )
 
 
 def kill_group(proc: subprocess.Popen) -> None:
@@ -80,12 +81,27 @@ class MlflowServer:
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "MlflowServer":
+    def start(self) -> MlflowServer:
         # One web worker and no job runner: the tests send a few hundred requests.
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        self.proc = start([str(BIN / "mlflow"), "server", "--backend-store-uri", self.backend_store_uri,
-                           "--artifacts-destination", str(self.artifacts), "--host", "127.0.0.1",
-                           "--port", str(self.port), "--workers", "1"], self.log, env)
+        self.proc = start(
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--backend-store-uri",
+                self.backend_store_uri,
+                "--artifacts-destination",
+                str(self.artifacts),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+            ],
+            self.log,
+            env,
+        )
         wait_for_http(f"{self.uri}/health", self.proc, self.log)
         return self
 
@@ -131,14 +147,28 @@ class Postgres:
         if out.returncode != 0:
             raise RuntimeError(f"{cmd[0]} failed ({out.returncode}): {out.stdout[-2000:]}{out.stderr[-2000:]}")
 
-    def start(self) -> "Postgres":
+    def start(self) -> Postgres:
         # Throwaway data: no fsync, trust on loopback only (listen_addresses is 127.0.0.1, the socket is ours).
-        self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", "mlflow", "-A", "trust", "-E", "UTF8",
-                  "--no-sync")
-        options = (f"-h 127.0.0.1 -p {self.port} -k {self.folder} -c fsync=off -c synchronous_commit=off "
-                   "-c full_page_writes=off")
-        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", options, "-w",
-                  "-t", str(STARTUP_TIMEOUT_S), "start")
+        self._run(
+            str(self.bindir / "initdb"), "-D", str(self.data), "-U", "mlflow", "-A", "trust", "-E", "UTF8", "--no-sync"
+        )
+        options = (
+            f"-h 127.0.0.1 -p {self.port} -k {self.folder} -c fsync=off -c synchronous_commit=off "
+            "-c full_page_writes=off"
+        )
+        self._run(
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.log),
+            "-o",
+            options,
+            "-w",
+            "-t",
+            str(STARTUP_TIMEOUT_S),
+            "start",
+        )
         self._run(str(self.bindir / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "mlflow", "mlflow")
         return self
 

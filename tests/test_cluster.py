@@ -104,9 +104,24 @@ def wait_for_line(proc: subprocess.Popen, log: Path, text: str) -> None:
 
 def ray_list(cluster_address: str, env: dict[str, str], kind: str) -> list[dict]:
     """Ray's state API (`ray list nodes|workers|actors|tasks`) as parsed JSON; it remembers dead workers and actors."""
-    out = subprocess.run([str(BIN / "ray"), "list", kind, "--address", cluster_address, "--detail",
-                          "--format", "json", "--limit", "10000"],
-                         env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            str(BIN / "ray"),
+            "list",
+            kind,
+            "--address",
+            cluster_address,
+            "--detail",
+            "--format",
+            "json",
+            "--limit",
+            "10000",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout)
 
@@ -125,12 +140,28 @@ def cluster(tmp_path_factory):
     env.pop("RAY_ADDRESS", None)
     # Ray's default object store takes 30% of RAM per node; these trials pass a few MB.
     common = ["--num-cpus=1", "--object-store-memory=200000000", "--disable-usage-stats", "--block"]
-    head_cmd = [str(BIN / "ray"), "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={client_port}",
-                f"--dashboard-agent-listen-port={head_agent_port}", f"--temp-dir={temp_root / 'head'}", *common]
+    head_cmd = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        f"--port={port}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port}",
+        f"--ray-client-server-port={client_port}",
+        f"--dashboard-agent-listen-port={head_agent_port}",
+        f"--temp-dir={temp_root / 'head'}",
+        *common,
+    ]
     # Its own agent port and temp dir, so that two nodes on one machine do not collide.
-    worker_cmd = [str(BIN / "ray"), "start", f"--address={address}", f"--resources={json.dumps({WORKER_RESOURCE: 1})}",
-                  f"--dashboard-agent-listen-port={worker_agent_port}", f"--temp-dir={temp_root / 'worker'}", *common]
+    worker_cmd = [
+        str(BIN / "ray"),
+        "start",
+        f"--address={address}",
+        f"--resources={json.dumps({WORKER_RESOURCE: 1})}",
+        f"--dashboard-agent-listen-port={worker_agent_port}",
+        f"--temp-dir={temp_root / 'worker'}",
+        *common,
+    ]
     started = []
     try:
         head = start(head_cmd, logs / "head.log", env)
@@ -158,9 +189,20 @@ def mlflow_server(tmp_path_factory):
     (port,) = free_ports(1)
     # One web worker and no job runner: the server here only has to take a few hundred requests.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-           "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1"]
+    cmd = [
+        str(BIN / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{folder / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(folder / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     server = start(cmd, folder / "server.log", env)
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", server, folder / "server.log")
@@ -173,9 +215,22 @@ def mlflow_server(tmp_path_factory):
 def experiment(cluster, mlflow_server, tmp_path_factory):
     tracking_uri, artifacts_root = mlflow_server
     workdir = tmp_path_factory.mktemp("tune")
-    cmd = [sys.executable, str(ROOT / "tune.py"), "--space", str(ROOT / "search_spaces" / "tiny.yaml"),
-           "--address", cluster.address, "--mlflow-uri", tracking_uri, "--storage", str(workdir / "runs"),
-           "--num-samples", str(NUM_TRIALS), "--max-concurrent", "2"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "tune.py"),
+        "--space",
+        str(ROOT / "search_spaces" / "tiny.yaml"),
+        "--address",
+        cluster.address,
+        "--mlflow-uri",
+        tracking_uri,
+        "--storage",
+        str(workdir / "runs"),
+        "--num-samples",
+        str(NUM_TRIALS),
+        "--max-concurrent",
+        "2",
+    ]
     # No MLFLOW_TRACKING_URI from the caller's shell: the run must reach the server through --mlflow-uri.
     env = {k: v for k, v in cluster.env.items() if k != "MLFLOW_TRACKING_URI"}
     result = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
@@ -244,8 +299,11 @@ def test_the_tracking_server_receives_every_run_and_artifact(experiment):
         assert [m.step for m in history] == list(range(10, steps + 1, 10))
 
     assert {"best_config.yaml", "trials.csv"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
-    downloaded = Path(client.download_artifacts(parent.info.run_id, "best_config.yaml",
-                                                dst_path=str(exp.folder.parent / "downloaded")))
+    downloaded = Path(
+        client.download_artifacts(
+            parent.info.run_id, "best_config.yaml", dst_path=str(exp.folder.parent / "downloaded")
+        )
+    )
     assert downloaded.read_bytes() == (exp.folder / "best_config.yaml").read_bytes()
     stored = list(exp.artifacts_root.glob(f"*/{parent.info.run_id}/artifacts/trials.csv"))
     assert len(stored) == 1 and stored[0].read_bytes() == (exp.folder / "trials.csv").read_bytes()

@@ -63,8 +63,9 @@ def test_bad_values_give_one_line_errors_naming_the_field(raw, field):
 
 
 def test_fidelity_settings_describe_their_solver():
-    cfg = TrialConfig.from_dict({"eval": {"fast": {"method": "rk4", "steps": 7},
-                                          "accurate": {"frame": "t", "rtol": 1e-5, "atol": 1e-5}}})
+    cfg = TrialConfig.from_dict(
+        {"eval": {"fast": {"method": "rk4", "steps": 7}, "accurate": {"frame": "t", "rtol": 1e-5, "atol": 1e-5}}}
+    )
     assert cfg.eval.fast.describe() == "logsnr rk4 7 steps"
     assert cfg.eval.accurate.describe() == "t dopri5 rtol 1e-05 atol 1e-05"
 

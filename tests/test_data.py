@@ -3,12 +3,11 @@
 import dataclasses
 
 import pytest
-
 import torch
 
 from trials.config import DataConfig
-from trials.datasets import DATASETS
 from trials.data import DataError, load_data, stratified_split, to_model_space
+from trials.datasets import DATASETS
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +43,18 @@ def test_split_is_deterministic_and_disjoint(mnist5k):
 
 
 def test_largest_remainder_quotas_add_up_for_uneven_classes():
-    labels = torch.tensor([0] * 5923 + [1] * 6742 + [2] * 5958 + [3] * 6131 + [4] * 5842
-                          + [5] * 5421 + [6] * 5918 + [7] * 6265 + [8] * 5851 + [9] * 5949)  # MNIST's train counts
+    labels = torch.tensor(
+        [0] * 5923
+        + [1] * 6742
+        + [2] * 5958
+        + [3] * 6131
+        + [4] * 5842
+        + [5] * 5421
+        + [6] * 5918
+        + [7] * 6265
+        + [8] * 5851
+        + [9] * 5949
+    )  # MNIST's train counts
     tr, va = stratified_split(labels, 5000, seed=0)
     assert len(va) == 5000 and len(tr) == 55000
     counts = torch.bincount(labels[va], minlength=10).double()
@@ -69,7 +78,12 @@ def test_missing_mnist_root_says_what_to_do(tmp_path):
 def test_corrupt_mnist_root_is_a_one_line_error(tmp_path):
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
         (raw / name).write_bytes(b"\x00\x00\x08\x03garbage")
     with pytest.raises(DataError) as info:
         load_data(DataConfig(name="mnist", root=str(tmp_path)))
@@ -86,8 +100,11 @@ def test_fake_mnist_root_is_read_and_split(tmp_path, monkeypatch):
         images = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=gen)
         labels = (torch.arange(n) % 10).to(torch.uint8)
         (raw / f"{name}-images-idx3-ubyte").write_bytes(
-            bytes([0, 0, 8, 3]) + n.to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + images.numpy().tobytes())
-        (raw / f"{name}-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1]) + n.to_bytes(4, "big") + labels.numpy().tobytes())
+            bytes([0, 0, 8, 3]) + n.to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + images.numpy().tobytes()
+        )
+        (raw / f"{name}-labels-idx1-ubyte").write_bytes(
+            bytes([0, 0, 8, 1]) + n.to_bytes(4, "big") + labels.numpy().tobytes()
+        )
         return images
 
     train_images = write("train", 6000)

@@ -104,7 +104,7 @@ def argv(service: dict) -> list[str]:
 
 
 def address(value: str) -> tuple[str, int]:
-    """"ray-head:6379" or "http://mlflow:5000" -> (host, port)."""
+    """ "ray-head:6379" or "http://mlflow:5000" -> (host, port)."""
     parts = urlsplit(value if "://" in value else f"//{value}")
     assert parts.hostname and parts.port, f"{value!r} names no host:port"
     return parts.hostname, parts.port
@@ -234,7 +234,7 @@ def test_build_contexts_and_dockerfiles_exist(services):
 
 def test_every_copy_source_exists_and_is_not_dockerignored(services):
     checked = 0
-    for name, service in services.items():
+    for service in services.values():
         if "build" not in service:
             continue
         context, dockerfile = build_dir(service)
@@ -282,8 +282,9 @@ def test_files_named_in_commands_exist_and_are_copied_into_the_image(services):
 def test_tuner_flags_are_flags_of_tune_py(services):
     if not (REPO / "tune.py").exists():
         pytest.skip("tune.py is not written yet")
-    result = subprocess.run([sys.executable, "tune.py", "--help"], cwd=REPO, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "tune.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     accepted = set(re.findall(r"--[a-z][a-z0-9-]*", result.stdout))
     used = parse_flags(args_after(argv(services["tuner"]), "python", "tune.py"))
@@ -298,9 +299,11 @@ def test_ray_start_flags_are_flags_of_ray_start(services):
     from ray.scripts.scripts import start
 
     accepted = click_options(start)
-    for where, args in [("ray-head", args_after(argv(services["ray-head"]), "ray", "start")),
-                        ("ray-worker", args_after(argv(services["ray-worker"]), "ray", "start")),
-                        (JOIN_SCRIPT, args_after(join_script_ray_start(), "ray", "start"))]:
+    for where, args in [
+        ("ray-head", args_after(argv(services["ray-head"]), "ray", "start")),
+        ("ray-worker", args_after(argv(services["ray-worker"]), "ray", "start")),
+        (JOIN_SCRIPT, args_after(join_script_ray_start(), "ray", "start")),
+    ]:
         unknown = set(parse_flags(args)) - accepted
         assert not unknown, f"{where}: ray start does not accept {sorted(unknown)}"
 
@@ -324,8 +327,9 @@ def test_published_ports_bind_to_loopback_only(services):
 
 
 def test_only_the_dashboard_and_mlflow_are_published(services):
-    published = {(name, host, container) for name, service in services.items()
-                 for _, host, container in published_ports(service)}
+    published = {
+        (name, host, container) for name, service in services.items() for _, host, container in published_ports(service)
+    }
     assert published == {("ray-head", 8265, 8265), ("mlflow", 5000, 5000)}
 
 
@@ -339,7 +343,8 @@ def test_ray_addresses_agree(services):
     assert address(tuner["environment"]["RAY_HEAD_ADDRESS"]) == gcs
     assert address(parse_flags(args_after(argv(tuner), "python", "tune.py"))["--address"]) == gcs
     assert parse_flags(args_after(join_script_ray_start(), "ray", "start"))["--address"].startswith(
-        "${RAY_HEAD_ADDRESS"), f"{JOIN_SCRIPT} must join the head named by RAY_HEAD_ADDRESS"
+        "${RAY_HEAD_ADDRESS"
+    ), f"{JOIN_SCRIPT} must join the head named by RAY_HEAD_ADDRESS"
 
 
 def test_ray_dashboard_port_agrees(services):
@@ -375,7 +380,10 @@ def test_mlflow_backend_is_the_postgres_service(services, compose_text):
     assert (uri.hostname, uri.port) == ("postgres", 5432)  # the postgres image's port; nothing overrides it
     assert "PGPORT" not in postgres
     assert (uri.username, uri.password, uri.path) == (
-        postgres["POSTGRES_USER"], postgres["POSTGRES_PASSWORD"], "/" + postgres["POSTGRES_DB"])
+        postgres["POSTGRES_USER"],
+        postgres["POSTGRES_PASSWORD"],
+        "/" + postgres["POSTGRES_DB"],
+    )
     assert services["postgres"].get("ports") is None
 
 
@@ -384,8 +392,12 @@ def test_mlflow_backend_is_the_postgres_service(services, compose_text):
 
 def test_named_volumes_are_declared_and_used(compose, services):
     declared = set(compose.get("volumes") or {})
-    used = {source for service in services.values() for source, _ in mounts(service).values()
-            if not source.startswith((".", "/", "~", "$"))}
+    used = {
+        source
+        for service in services.values()
+        for source, _ in mounts(service).values()
+        if not source.startswith((".", "/", "~", "$"))
+    }
     assert used == declared
 
 
@@ -496,8 +508,13 @@ def compose_cli() -> list[str] | None:
 def run_compose_config(cli: list[str], env_file: Path) -> subprocess.CompletedProcess:
     # A bare environment, so variables of the shell running the tests cannot stand in for the env file.
     env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp")}
-    return subprocess.run([*cli, "--env-file", str(env_file), "-f", str(COMPOSE_FILE), "config", "-q"],
-                          capture_output=True, text=True, timeout=60, env=env)
+    return subprocess.run(
+        [*cli, "--env-file", str(env_file), "-f", str(COMPOSE_FILE), "config", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
 
 
 def test_compose_cli_accepts_the_file(tmp_path):

@@ -46,24 +46,43 @@ pytestmark = pytest.mark.slow
 def drill_space(tmp_path: Path, **search) -> Path:
     raw = yaml.safe_load(yaml.safe_dump(TINY))
     raw["fixed"]["train"]["steps"] = STEPS
-    raw["search"].update({"scheduler": "fifo", "num_samples": 2, "max_concurrent": 2, "top_k": 1, "max_failures": 1,
-                          **search})
+    raw["search"].update(
+        {"scheduler": "fifo", "num_samples": 2, "max_concurrent": 2, "top_k": 1, "max_failures": 1, **search}
+    )
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
 
 
 def env() -> dict[str, str]:
-    return {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
-            "RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1"}
+    return {
+        **{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+        "RAY_DEDUP_LOGS": "0",
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 def launch(tmp_path: Path, space: Path, *extra: str, log_name: str = "tune.log") -> tuple[subprocess.Popen, Path]:
     log = tmp_path / log_name
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "tune.py"), "--space", str(space), "--name", "drill",
-                                 "--storage", str(tmp_path / "runs"), *extra], cwd=tmp_path, env=env(),
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "tune.py"),
+                "--space",
+                str(space),
+                "--name",
+                "drill",
+                "--storage",
+                str(tmp_path / "runs"),
+                *extra,
+            ],
+            cwd=tmp_path,
+            env=env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     return proc, log
 
 
@@ -106,13 +125,28 @@ def results(experiment_dir: Path) -> dict[str, list[dict]]:
     return out
 
 
-def running_trial(experiment_dir: Path) -> dict | None:
-    """The last result of a trial that has reported a rung (so it has a checkpoint) and is not done yet."""
+def running_trial(experiment_dir: Path, min_step: int = 10) -> dict | None:
+    """The last result of a trial that has reported a rung at `min_step` or later and is not done yet.
+
+    Tune logs a result before it registers the checkpoint that came with it, so only the rung before the last
+    is sure to have a checkpoint: a trial that must be restored from one needs min_step of two rungs."""
     for records in results(experiment_dir).values():
         last = records[-1]
-        if last["step"] < STEPS and not last.get("done"):
+        if min_step <= last["step"] < STEPS and not last.get("done"):
             return last
     return None
+
+
+def kill_running_trial(experiment_dir: Path, proc: subprocess.Popen, log: Path) -> dict:
+    """SIGKILL the worker of a trial restorable from a checkpoint; on a loaded machine the one picked may end
+    between the look and the kill, so look again until a kill lands."""
+    while True:
+        victim = wait_for("a running trial with a checkpoint", lambda: running_trial(experiment_dir, 20), proc, log)
+        try:
+            os.kill(victim["pid"], signal.SIGKILL)
+            return victim
+        except ProcessLookupError:
+            time.sleep(0.3)
 
 
 def rungs(records: list[dict], key: str = "val_bpd") -> list[tuple[int, float]]:
@@ -129,8 +163,9 @@ def check_mlflow_matches_tune(client: MlflowClient, experiment_dir: Path) -> tup
     parent = parents[0]
     assert parent.info.status == "FINISHED" and parent.data.params["search.num_samples"]
     assert "best_val_bpd_accurate" in parent.data.metrics
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
-                and "trial_id" in r.data.tags]
+    children = [
+        r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id and "trial_id" in r.data.tags
+    ]
     table = pd.read_csv(experiment_dir / "trials.csv")
     assert sorted(c.data.tags["trial_id"] for c in children) == sorted(table.trial_id)  # one child per trial
     assert dict(zip(table.trial_id, table.mlflow_run_id)) == {c.data.tags["trial_id"]: c.info.run_id for c in children}
@@ -142,8 +177,9 @@ def check_mlflow_matches_tune(client: MlflowClient, experiment_dir: Path) -> tup
             history = [(m.step, m.value) for m in client.get_metric_history(child.info.run_id, key)]
             assert history == rungs(recorded[trial_id], key), f"trial {trial_id}: {key} in MLflow differs from Tune's"
     for artifact in ("best_config.yaml", "trials.csv", "rescores.json"):
-        downloaded = client.download_artifacts(parent.info.run_id, artifact,
-                                               dst_path=str(experiment_dir.parent / f"downloaded-{artifact}"))
+        downloaded = client.download_artifacts(
+            parent.info.run_id, artifact, dst_path=str(experiment_dir.parent / f"downloaded-{artifact}")
+        )
         assert Path(downloaded).read_bytes() == (experiment_dir / artifact).read_bytes(), artifact
     provenance = yaml.safe_load((experiment_dir / "best_config.yaml").read_text())["provenance"]
     assert provenance["mlflow_parent_run_id"] == parent.info.run_id
@@ -162,8 +198,7 @@ def test_tracking_server_and_a_trial_worker_killed_mid_search(tmp_path):
         wait_for("a first rung", lambda: running_trial(experiment), proc, log)
         server.kill()
         wait_for("the driver noticing the outage", lambda: "is not answering" in log.read_text(), proc, log)
-        victim = wait_for("a running trial", lambda: running_trial(experiment), proc, log)
-        os.kill(victim["pid"], signal.SIGKILL)
+        victim = kill_running_trial(experiment, proc, log)
         # The server must be back before the search ends, however long it takes to start on a loaded machine:
         # the driver is paused meanwhile (SIGSTOP), and learns of the dead worker when it goes on.
         os.kill(proc.pid, signal.SIGSTOP)
@@ -228,16 +263,30 @@ def test_tracking_server_gone_for_good_then_back_and_backfilled(tmp_path):
     config["eval"]["accurate"].update(n_images=4, rtol=1.0e-2, atol=1.0e-2)  # a quick test score
     (experiment / "quick_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     full_run = experiment / "full_run"
-    result = run([sys.executable, str(ROOT / "train.py"), "--config", str(experiment / "quick_config.yaml"),
-                  "--steps", "10"], tmp_path)
+    result = run(
+        [sys.executable, str(ROOT / "train.py"), "--config", str(experiment / "quick_config.yaml"), "--steps", "10"],
+        tmp_path,
+    )
     assert result.returncode == 3, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"python -m tuner.sync {full_run}" in result.stderr
     assert (full_run / "metrics.json").exists() and (full_run / "mlflow_outbox.jsonl").exists()
 
     server.start()
     try:
-        resumed = run([sys.executable, str(ROOT / "tune.py"), "--space", str(space), "--name", "drill",
-                       "--storage", str(tmp_path / "runs"), "--resume"], tmp_path)
+        resumed = run(
+            [
+                sys.executable,
+                str(ROOT / "tune.py"),
+                "--space",
+                str(space),
+                "--name",
+                "drill",
+                "--storage",
+                str(tmp_path / "runs"),
+                "--resume",
+            ],
+            tmp_path,
+        )
         assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
         assert "finished search: nothing to re-run" in resumed.stdout
         assert results(experiment) == before  # nothing trained again
@@ -252,9 +301,11 @@ def test_tracking_server_gone_for_good_then_back_and_backfilled(tmp_path):
         assert run_.info.status == "FINISHED" and run_.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run_.data.metrics["test_bpd"] == pytest.approx(metrics["test_bpd"]["mean"])
         assert [m.step for m in client.get_metric_history(run_.info.run_id, "train_loss")] == [
-            r["step"] for r in metrics["history"]]
+            r["step"] for r in metrics["history"]
+        ]
         assert {"metrics.json", "config.yaml", "samples_pc.png", "samples_ode.png"} <= {
-            a.path for a in client.list_artifacts(run_.info.run_id)}
+            a.path for a in client.list_artifacts(run_.info.run_id)
+        }
         assert not (full_run / "mlflow_outbox.jsonl").exists()
     finally:
         server.stop()
@@ -276,8 +327,20 @@ def test_driver_killed_and_a_checkpoint_truncated_then_resumed(tmp_path):
         damaged.append(path)
     assert damaged, f"trial {victim['trial_id']} has no checkpoint on disk"
 
-    resumed = run([sys.executable, str(ROOT / "tune.py"), "--space", str(space), "--name", "drill",
-                   "--storage", str(tmp_path / "runs"), "--resume"], tmp_path)
+    resumed = run(
+        [
+            sys.executable,
+            str(ROOT / "tune.py"),
+            "--space",
+            str(space),
+            "--name",
+            "drill",
+            "--storage",
+            str(tmp_path / "runs"),
+            "--resume",
+        ],
+        tmp_path,
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
 
     table = pd.read_csv(experiment / "trials.csv")

@@ -12,14 +12,30 @@ from types import SimpleNamespace
 import pandas as pd
 import yaml
 
-from tuner.export import TIE_STDERRS, paired_to_winner, rank_candidates, trials_table, write_outputs
+from tuner.export import (
+    TIE_STDERRS,
+    paired_to_winner,
+    pick_winner,
+    rank_candidates,
+    ties_with_winner,
+    trials_table,
+    write_outputs,
+)
 from tuner.space import parse_space
 
-SPACE = parse_space({"name": "unit", "fixed": {"train": {"steps": 40, "val_every": 20}},
-                     "hyperparameters": {"lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
-                                         "ch_mult": {"type": "choice", "values": [[1, 2, 2], [1, 2, 4]]}},
-                     "search": {"grace_period": 20}},
-                    "unit.yaml", sha256="0" * 64)
+SPACE = parse_space(
+    {
+        "name": "unit",
+        "fixed": {"train": {"steps": 40, "val_every": 20}},
+        "hyperparameters": {
+            "lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
+            "ch_mult": {"type": "choice", "values": [[1, 2, 2], [1, 2, 4]]},
+        },
+        "search": {"grace_period": 20},
+    },
+    "unit.yaml",
+    sha256="0" * 64,
+)
 
 
 def rescore(per_image, failed=False):
@@ -56,8 +72,12 @@ def test_tie_rule_is_two_standard_errors():
 
 
 def test_failed_or_unpaired_rescores_are_left_out():
-    rescores = {"w": rescore([2.0, 3.0, 4.0]), "failed": rescore([2.0, 3.0, 4.0], failed=True),
-                "other_images": rescore([2.0, 3.0]), "blown_up": rescore([2.0, math.inf, 4.0])}
+    rescores = {
+        "w": rescore([2.0, 3.0, 4.0]),
+        "failed": rescore([2.0, 3.0, 4.0], failed=True),
+        "other_images": rescore([2.0, 3.0]),
+        "blown_up": rescore([2.0, math.inf, 4.0]),
+    }
     assert set(paired_to_winner(rescores, "w")) == {"w"}
     assert paired_to_winner(rescores, "missing") == {}
 
@@ -73,18 +93,27 @@ def fake_analysis(rows):
             histories[trial_id] = pd.DataFrame({"step": list(history), "val_bpd": list(history.values())})
         if has_ckpt:
             checkpoints[trial_id] = SimpleNamespace(path=f"/ckpt/{trial_id}")
-    return SimpleNamespace(trials=trials, trial_dataframes=histories,
-                           get_last_checkpoint=lambda trial: checkpoints.get(trial.trial_id))
+    return SimpleNamespace(
+        trials=trials, trial_dataframes=histories, get_last_checkpoint=lambda trial: checkpoints.get(trial.trial_id)
+    )
 
 
-ROWS = [("a", 1e-3, "1,2,2", {20: 5.0, 40: 3.1}, True),
-        ("b", 2e-3, "1,2,4", {20: 4.0, 40: 2.9}, True),
-        ("c", 3e-3, "1,2,2", {20: 3.5}, True),  # stopped early, with the best rung-1 score
-        ("d", 1e-2, "1,2,4", {20: math.inf}, True),  # diverged
-        ("e", 5e-3, "1,2,2", {20: 2.0, 40: 2.5}, False),  # no checkpoint left: cannot be re-scored
-        ("f", 4e-3, "1,2,4", None, False)]  # never reported
-STATUSES = {"a": "completed", "b": "completed", "c": "stopped early", "d": "diverged", "e": "completed",
-            "f": "not started"}
+ROWS = [
+    ("a", 1e-3, "1,2,2", {20: 5.0, 40: 3.1}, True),
+    ("b", 2e-3, "1,2,4", {20: 4.0, 40: 2.9}, True),
+    ("c", 3e-3, "1,2,2", {20: 3.5}, True),  # stopped early, with the best rung-1 score
+    ("d", 1e-2, "1,2,4", {20: math.inf}, True),  # diverged
+    ("e", 5e-3, "1,2,2", {20: 2.0, 40: 2.5}, False),  # no checkpoint left: cannot be re-scored
+    ("f", 4e-3, "1,2,4", None, False),
+]  # never reported
+STATUSES = {
+    "a": "completed",
+    "b": "completed",
+    "c": "stopped early",
+    "d": "diverged",
+    "e": "completed",
+    "f": "not started",
+}
 
 
 def test_candidates_are_the_best_last_scores_with_a_checkpoint():
@@ -94,9 +123,11 @@ def test_candidates_are_the_best_last_scores_with_a_checkpoint():
 
 
 def test_the_table_sorts_by_accurate_then_fast_and_decodes_choices():
-    rescores = {"a": {"mean": 2.7, "stderr": 0.1, "nfe": 128, "failed": False},
-                "b": {"mean": 2.8, "stderr": 0.1, "nfe": 128, "failed": False},
-                "c": {"mean": math.inf, "failed": True, "reason": "ODE failed"}}
+    rescores = {
+        "a": {"mean": 2.7, "stderr": 0.1, "nfe": 128, "failed": False},
+        "b": {"mean": 2.8, "stderr": 0.1, "nfe": 128, "failed": False},
+        "c": {"mean": math.inf, "failed": True, "reason": "ODE failed"},
+    }
     table = trials_table(fake_analysis(ROWS), SPACE, STATUSES, rescores, {"a": "run-a"})
     assert list(table.trial_id) == ["a", "b", "e", "c", "d", "f"]
     a = table.iloc[0]
@@ -122,8 +153,10 @@ class RecordingTracker:
 
 def test_the_accurate_winner_its_ties_and_best_config(tmp_path):
     per_image = {"a": [2.70, 2.60, 2.80, 2.75], "b": [2.71, 2.62, 2.81, 2.77], "c": [3.1, 3.0, 3.2, 3.3]}
-    rescores = {tid: {"mean": sum(v) / 4, "stderr": 0.05, "per_image": v, "failed": False, "fidelity": {"name": "accurate"}}
-                for tid, v in per_image.items()}
+    rescores = {
+        tid: {"mean": sum(v) / 4, "stderr": 0.05, "per_image": v, "failed": False, "fidelity": {"name": "accurate"}}
+        for tid, v in per_image.items()
+    }
     analysis = fake_analysis(ROWS)
     table = trials_table(analysis, SPACE, STATUSES, rescores, {"a": "run-a", "b": "run-b", "c": "run-c"})
     tracker = RecordingTracker()
@@ -147,3 +180,30 @@ def test_without_rescores_the_fast_score_picks_the_winner(tmp_path):
     table = trials_table(analysis, SPACE, STATUSES, {}, {})
     export = write_outputs(tmp_path, SPACE, table, {}, analysis, RecordingTracker())
     assert (export.winner_id, export.winner_fidelity) == ("e", "fast")  # 2.5, finite; d's inf is not a score
+
+
+# ---- the one rule for the winner and its ties (the report reads an experiment folder by the same functions) ----------
+def test_the_fast_winner_is_never_an_errored_or_diverged_trial():
+    rows = [("x", "errored", 1.0), ("y", "diverged", math.inf), ("z", "stopped early", 2.0), ("w", "completed", 2.0)]
+    assert pick_winner({}, rows) == ("z", 2.0, "fast")  # x's last score is lower, but it raised; ties go to the first
+    rescores = {"w": {"mean": 3.0, "failed": False}, "z": {"mean": 1.0, "failed": True}}
+    assert pick_winner(rescores, rows) == ("w", 3.0, "accurate")  # any working re-score beats every fast score
+    assert pick_winner({}, rows[:2]) is None
+
+
+def test_ties_use_the_recorded_paired_verdicts_else_say_the_rule_is_the_rough_one():
+    rescores = {
+        "w": rescore([2.0, 3.0, 4.0, 5.0]),
+        "x": rescore([2.1, 2.9, 4.1, 4.9]),
+        "y": rescore([3.0, 4.0, 5.0, 6.0]),
+        "bad": rescore([1.0, 1.0, 1.0, 1.0], failed=True),
+    }
+    for r in rescores.values():
+        r["stderr"] = 0.6  # every interval overlaps the winner's
+    assert ties_with_winner(rescores, "w") == ({"w": True, "x": True, "y": True}, "overlap")
+    paired = {tid: {**r, **paired_to_winner(rescores, "w").get(tid, {})} for tid, r in rescores.items()}
+    assert ties_with_winner(paired, "w") == (
+        {"w": True, "x": True, "y": False},
+        "paired",
+    )  # y: 1.0 worse on every image
+    assert ties_with_winner(rescores, "gone") == ({}, "missing")

@@ -9,14 +9,26 @@ import copy
 import math
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from trials.config import EvalConfig, FidelityConfig
-from trials.likelihood import (BPDResult, LikelihoodEvaluator, ODEFailure, bits_per_dim, bpd_offset,
-                               draw_probes, log_likelihood)
-from trials.sde import SubVPSDE, VPSDE, gaussian_logp, gaussian_marginal, gaussian_score
+from trials.config import MULTISTEP_METHODS as MULTISTEP_NAMES
+from trials.config import ConfigError, EvalConfig, FidelityConfig
+from trials.likelihood import (
+    MULTISTEP_METHODS,
+    BPDResult,
+    LikelihoodEvaluator,
+    ODEFailure,
+    bits_per_dim,
+    bpd_offset,
+    draw_probes,
+    log_likelihood,
+    multistep_grid,
+)
+from trials.odesolve import exponential_multistep, lagrange_integrals, quadrature_weights
+from trials.sde import VPSDE, SubVPSDE, gaussian_logp, gaussian_marginal, gaussian_score
 
 SHAPE = (1, 4, 4)  # a 16-pixel "image"
 DIMS = 16
@@ -28,7 +40,7 @@ def gaussian_case(dtype=torch.float64):
     mean = torch.linspace(-0.6, 0.9, DIMS, dtype=dtype).reshape(SHAPE)
     std = torch.linspace(0.05, 0.7, DIMS, dtype=dtype).reshape(SHAPE)
     gen = torch.Generator().manual_seed(0)
-    x = (mean + 1.5 * std * torch.randn((6, *SHAPE), generator=gen, dtype=dtype))
+    x = mean + 1.5 * std * torch.randn((6, *SHAPE), generator=gen, dtype=dtype)
     return mean, std, x
 
 
@@ -146,8 +158,9 @@ def nats_to_bits_per_dim(nats: torch.Tensor) -> torch.Tensor:
 def test_logsnr_frame_exact_trace_matches_the_gaussian_answer(eps, method, steps):
     sde = VPSDE()
     mean, std, x = gaussian_case()
-    logp, z, nfe = log_likelihood(gaussian_score(sde, mean, std), sde, x, eps, frame="logsnr", method=method,
-                                  steps=steps, rtol=1e-5, atol=1e-5)
+    logp, z, nfe = log_likelihood(
+        gaussian_score(sde, mean, std), sde, x, eps, frame="logsnr", method=method, steps=steps, rtol=1e-5, atol=1e-5
+    )
     mean_eps, std_eps = gaussian_marginal(sde, mean, std, t_of(eps, x))
     mean_T, std_T = gaussian_marginal(sde, mean, std, t_of(sde.T, x))
     torch.testing.assert_close(z, mean_T + std_T / std_eps * (x - mean_eps), rtol=0, atol=1e-3)
@@ -212,9 +225,13 @@ def test_fixed_step_methods_need_steps_and_unknown_methods_are_refused():
 
 # ---- the evaluator ---------------------------------------------------------------------------------------
 def small_eval_config(estimator="rademacher", seed=0) -> EvalConfig:
-    return EvalConfig(estimator=estimator, seed=seed, batch_size=4,
-                      fast=FidelityConfig(n_images=5, rtol=1e-3, atol=1e-3),
-                      accurate=FidelityConfig(n_images=10, rtol=1e-5, atol=1e-5))
+    return EvalConfig(
+        estimator=estimator,
+        seed=seed,
+        batch_size=4,
+        fast=FidelityConfig(n_images=5, rtol=1e-3, atol=1e-3),
+        accurate=FidelityConfig(n_images=10, rtol=1e-5, atol=1e-5),
+    )
 
 
 def random_images(n=20, low=0, high=256, seed=0) -> torch.Tensor:
@@ -244,9 +261,19 @@ def test_evaluator_bpd_matches_the_zero_score_closed_form(centered):
     assert result.flagged and "worse than uniform" in result.reason  # ~16 bits/dim: an untrained model
 
     fast = evaluator.evaluate(zero_score, sde, EPS, "fast")
-    assert fast.fidelity == {"name": "fast", "n_images": 5, "rtol": 1e-3, "atol": 1e-3, "method": "dopri5",
-                             "estimator": "rademacher", "eps": EPS, "batch_size": 4, "seed": 0,
-                             "frame": "logsnr", "steps": 0}
+    assert fast.fidelity == {
+        "name": "fast",
+        "n_images": 5,
+        "rtol": 1e-3,
+        "atol": 1e-3,
+        "method": "dopri5",
+        "estimator": "rademacher",
+        "eps": EPS,
+        "batch_size": 4,
+        "seed": 0,
+        "frame": "logsnr",
+        "steps": 0,
+    }
     assert fast.per_image == pytest.approx(expected[:5].tolist(), abs=1e-3)  # a prefix of the same images
 
 
@@ -263,8 +290,11 @@ def test_exact_gaussian_score_on_concentrated_images_matches_closed_form_and_is_
     mean_eps, std_eps = gaussian_marginal(sde, mean, std, t_of(EPS, x))
     mean_T, std_T = gaussian_marginal(sde, mean, std, t_of(sde.T, x))
     z = mean_T + std_T / std_eps * (x - mean_eps)
-    logp = gaussian_logp(sde, mean, std, x, t_of(EPS, x)) - gaussian_logp(sde, mean, std, z, t_of(sde.T, x)) \
+    logp = (
+        gaussian_logp(sde, mean, std, x, t_of(EPS, x))
+        - gaussian_logp(sde, mean, std, z, t_of(sde.T, x))
         + sde.prior_logp(z)
+    )
     expected = bits_per_dim(logp, DIMS, centered=False)
     assert result.per_image == pytest.approx(expected.tolist(), abs=1e-3)
     assert result.stderr == pytest.approx((expected.std() / math.sqrt(len(expected))).item(), rel=1e-2)
@@ -377,3 +407,157 @@ def test_the_sub_vp_sde_has_the_exact_gaussian_likelihood_in_both_frames(frame, 
     torch.testing.assert_close(z, mean_T + std_T / std_eps * (x - mean_eps), rtol=0, atol=1e-4)
     error = nats_to_bits_per_dim(logp - gaussian_answer(sde, mean, std, x, z, eps))
     assert error.abs().max() < 1e-3
+
+
+# ---- the exponential multistep methods of the logsnr frame ----------------------------------------------
+
+
+def test_the_config_names_the_multistep_methods_the_evaluator_has():
+    assert set(MULTISTEP_NAMES) == set(MULTISTEP_METHODS)
+
+
+def gaussian_error(sde, eps, method, steps, dtype=torch.float64):
+    """(largest bits/dim error, largest latent error, NFE) of an exact-trace solve of the Gaussian case."""
+    mean, std, x = gaussian_case(dtype)
+    logp, z, nfe = log_likelihood(gaussian_score(sde, mean, std), sde, x, eps, method=method, steps=steps)
+    mean_eps, std_eps = gaussian_marginal(sde, mean, std, t_of(eps, x))
+    mean_T, std_T = gaussian_marginal(sde, mean, std, t_of(sde.T, x))
+    z_error = (z - (mean_T + std_T / std_eps * (x - mean_eps))).abs().max().item()
+    bpd_error = nats_to_bits_per_dim(logp - gaussian_answer(sde, mean, std, x, z, eps)).abs().max().item()
+    return bpd_error, z_error, nfe
+
+
+@pytest.mark.parametrize("method", MULTISTEP_NAMES)
+@pytest.mark.parametrize("sde", [VPSDE(0.1, 20.0, 1.0), SubVPSDE(0.1, 20.0, 1.0)], ids=["vp", "subvp"])
+@pytest.mark.parametrize("eps", [1e-5, 1e-3, 1e-2])
+def test_multistep_methods_reproduce_the_gaussian_answer(method, sde, eps):
+    bpd_error, z_error, nfe = gaussian_error(sde, eps, method, 64)
+    assert bpd_error < 1e-3 and z_error < 1e-3
+    assert nfe == 64 + 1  # one evaluation per grid node, known in advance
+
+
+@pytest.mark.parametrize("method", MULTISTEP_NAMES)
+def test_multistep_methods_converge_at_fourth_order(method):
+    # The order-3 predictor with its corrector is a fourth-order method: doubling the steps divides the error
+    # by about 16 once the steps are small. A wrong step weight, a corrector that does not correct or a
+    # first-order start would show here as a ratio near 2, 4 or 8.
+    sde = VPSDE()
+    errors = [gaussian_error(sde, 1e-5, method, steps) for steps in (128, 256)]
+    assert errors[1][0] < 1e-5
+    assert errors[0][1] / errors[1][1] > 12 and errors[0][0] / errors[1][0] > 12
+
+
+@pytest.mark.parametrize("method", MULTISTEP_NAMES)
+def test_multistep_float32_at_28_evaluations_is_within_the_fast_target(method):
+    # In float32 as the evaluator runs, at the fast fidelity's budget: the Gaussian answer to well within the
+    # 0.03 bits/dim the fast fidelity is allowed on trained models (bench/fidelity_bias.py).
+    bpd_error, _, nfe = gaussian_error(VPSDE(), 1e-5, method, 27, torch.float32)
+    assert nfe == 28 and bpd_error < 5e-3
+
+
+@pytest.mark.parametrize("method", MULTISTEP_NAMES)
+def test_multistep_hutchinson_is_unbiased_within_its_standard_error(method):
+    # The divergence comes from the same evaluations as the state update, weighted by a quadrature: still an
+    # unbiased estimate of the exact-trace solve with the same grid.
+    sde = VPSDE()
+    model = TinyScore().double()
+    gen = torch.Generator().manual_seed(7)
+    points = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    exact, _, _ = log_likelihood(model, sde, points, 1e-3, method=method, steps=40)
+    replicas = 200
+    x = points.repeat_interleave(replicas, dim=0)
+    probes = draw_probes(tuple(x.shape), "gaussian", gen).double()
+    estimates, _, _ = log_likelihood(model, sde, x, 1e-3, probes=probes, method=method, steps=40)
+    estimates = estimates.reshape(len(points), replicas)
+    stderr = estimates.std(dim=1) / math.sqrt(replicas)
+    assert (stderr > 1e-3).all()
+    assert ((estimates.mean(dim=1) - exact).abs() < 4 * stderr).all()
+
+
+@pytest.mark.parametrize("method", MULTISTEP_NAMES)
+def test_multistep_agrees_with_a_tight_solve_on_a_network(method):
+    # A dense Jacobian and no closed form: against dopri5 at 1e-9 in frame t (the other frame, the other solver).
+    sde = VPSDE()
+    model = TinyScore(seed=5).double()
+    points = torch.randn(4, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    tight, z_tight, _ = log_likelihood(model, sde, points, 1e-5, frame="t", rtol=1e-9, atol=1e-9)
+    logp, z, _ = log_likelihood(model, sde, points, 1e-5, method=method, steps=128)
+    torch.testing.assert_close(z, z_tight, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logp, tight, rtol=0, atol=1e-4)
+
+
+def test_a_multistep_fidelity_is_checked_and_costs_steps_plus_one():
+    method = MULTISTEP_NAMES[0]
+    fidelity = FidelityConfig(n_images=4, method=method, steps=27)
+    fidelity.check("eval.fast")
+    assert fidelity.nfe == 28 and fidelity.describe() == f"logsnr {method} 27 steps"
+    with pytest.raises(ConfigError, match="eval.fast.steps: must be >= 1 for the multistep method"):
+        FidelityConfig(method=method).check("eval.fast")
+    with pytest.raises(ConfigError, match="eval.fast.frame: multistep method"):
+        FidelityConfig(method=method, steps=8, frame="t").check("eval.fast")
+
+
+def test_multistep_methods_need_steps_and_the_logsnr_frame():
+    x = torch.zeros(2, *SHAPE)
+    method = MULTISTEP_NAMES[0]
+    with pytest.raises(ValueError, match="steps >= 1"):
+        log_likelihood(zero_score, VPSDE(), x, EPS, method=method)
+    with pytest.raises(ValueError, match="logsnr frame"):
+        log_likelihood(zero_score, VPSDE(), x, EPS, method=method, steps=8, frame="t")
+
+
+def test_lagrange_integrals_are_exact_for_exponential_times_polynomial():
+    # integral_0^h e^lam (lam - 0)(lam - a) ... has a closed form; check the basis against direct integrals of
+    # e^lam lam^k on an uneven node set.
+    nodes = np.array([0.3, -0.4, -1.5, -1.9])
+    a, b = 0.3, 1.1
+    w = lagrange_integrals(nodes, a, b, lambda lam: lam)
+    for k in range(4):
+        # sum_j w_j nodes_j^k is the integral of e^lam times the interpolant of lam^k, which is lam^k itself.
+        exact = {0: math.exp(b) - math.exp(a)}
+        exact[1] = (b - 1) * math.exp(b) - (a - 1) * math.exp(a)
+        exact[2] = (b * b - 2 * b + 2) * math.exp(b) - (a * a - 2 * a + 2) * math.exp(a)
+        exact[3] = (b**3 - 3 * b * b + 6 * b - 6) * math.exp(b) - (a**3 - 3 * a * a + 6 * a - 6) * math.exp(a)
+        assert float(w @ nodes**k) == pytest.approx(exact[k], rel=1e-12)
+
+
+@pytest.mark.parametrize("order", [2, 4, 6])
+def test_quadrature_weights_integrate_polynomials_below_their_order_exactly(order):
+    grid = multistep_grid(-6.9, 5.0, 13, warp=1.5)  # uneven steps
+    w = quadrature_weights(grid, order)
+    for k in range(order):
+        exact = (grid[-1] ** (k + 1) - grid[0] ** (k + 1)) / (k + 1)
+        assert float(w @ grid**k) == pytest.approx(exact, rel=1e-10, abs=1e-10)
+    assert float(w @ grid**order) != pytest.approx(
+        (grid[-1] ** (order + 1) - grid[0] ** (order + 1)) / (order + 1), rel=1e-8
+    )
+
+
+@pytest.mark.parametrize("warp", [0.0, 2.0, -1.0])
+def test_multistep_grid_spans_the_interval_with_geometric_steps(warp):
+    grid = multistep_grid(-6.0, 5.0, 10, warp)
+    assert grid[0] == -6.0 and grid[-1] == 5.0 and len(grid) == 11
+    steps = np.diff(grid)
+    assert (steps > 0).all()
+    np.testing.assert_allclose(steps[1:] / steps[:-1], math.exp(warp / 10), rtol=1e-9)
+
+
+def test_exponential_multistep_solves_the_linear_part_exactly():
+    # With eps_theta = 0 the ODE is linear and the multistep solve is exact on any grid, however coarse:
+    # x(b) = x(a) alpha(b) / alpha(a).
+    sde = VPSDE()
+    grid = multistep_grid(-6.0, 5.0, 2)
+    alpha, sigma = sde.scale_and_std_at(torch.tensor(grid, dtype=torch.float64))
+    x0 = torch.randn(3, 4, dtype=torch.float64)
+    for prediction, atol in (("noise", 1e-15), ("data", 1e-8)):
+        x = exponential_multistep(
+            lambda i, x: torch.zeros_like(x),
+            x0,
+            grid,
+            torch.log(alpha).numpy(),
+            torch.log(sigma).numpy(),
+            order=3,
+            prediction=prediction,
+        )
+        # The data form gets x(T) ~ 0.007 x(eps) as a difference of numbers ~1, which costs it digits.
+        torch.testing.assert_close(x, x0 * alpha[-1] / alpha[0], rtol=0, atol=atol)

@@ -16,6 +16,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from tuner import mlflow_ops
 from tuner import outbox as outbox_module
 from tuner.export import fill_mlflow_ids
 from tuner.outbox import OUTBOX_FILE, PROBE_INTERVAL_S, REJECTED_FILE, STATE_FILE, Outbox, new_key
@@ -43,8 +44,10 @@ class SwitchableStore:
         def call(*args, **kwargs):
             self.calls += 1
             if self.down:
-                raise MlflowException(f"API request to {URI_LABEL}/api/2.0/mlflow/{name} failed with exception "
-                                      "HTTPConnectionPool(host='127.0.0.1', port=5999): Connection refused")
+                raise MlflowException(
+                    f"API request to {URI_LABEL}/api/2.0/mlflow/{name} failed with exception "
+                    "HTTPConnectionPool(host='127.0.0.1', port=5999): Connection refused"
+                )
             result = method(*args, **kwargs)
             if name == "log_batch":
                 run_id = args[0] if args else kwargs["run_id"]
@@ -53,6 +56,7 @@ class SwitchableStore:
                 self.lose -= 1
                 raise MlflowException(f"API request to {URI_LABEL} failed with timeout exception Read timed out")
             return result
+
         return call
 
 
@@ -173,6 +177,7 @@ def test_answers_lost_in_flight_duplicate_neither_runs_nor_steps(tmp_path, store
         store.received += [(args[0], m.key, m.step) for m in kwargs.get("metrics", ())]
         store.down = True
         raise MlflowException("API request failed with exception Connection reset by peer")
+
     store.client.log_batch = arrive_then_die
     rung(box, key, 20)
     store.client.log_batch = real
@@ -206,8 +211,8 @@ def test_a_kill_at_any_point_of_sending_costs_nothing(tmp_path, store):
     box2 = make_outbox(folder, store, clock, lines)
     records = [json.loads(line) for line in (folder / OUTBOX_FILE).read_text().split("\n")[:-1]]
     for record in records[:3]:
-        box2._execute(record, dedupe=True, history={}, fresh=set())
-    (folder / STATE_FILE).write_text(json.dumps({**state, "resolved": box2._run_ids}))
+        box2.ops.execute(record, dedupe=True, seen=mlflow_ops.StoreView())
+    (folder / STATE_FILE).write_text(json.dumps({**state, "resolved": box2.ops.run_ids}))
     run_id = box2.run_id(key)
     assert history(store, run_id) == [(10, 9.0), (20, 8.0)]
 
@@ -240,7 +245,7 @@ def test_a_search_whose_store_was_never_up_is_backfilled_as_if_it_had_been(tmp_p
     """The tracker and the export: the parent and the children are created late, nested right, ids filled in."""
     from tuner.tracking import ExperimentTracker
 
-    monkeypatch.setattr(outbox_module, "MlflowClient", lambda tracking_uri: store)
+    monkeypatch.setattr(mlflow_ops, "MlflowClient", lambda tracking_uri: store)
     monkeypatch.setattr(outbox_module, "RETRY_PAUSES_S", ())
     experiment_dir = tmp_path / "runs" / "tiny"
     store.down = True
@@ -248,7 +253,7 @@ def test_a_search_whose_store_was_never_up_is_backfilled_as_if_it_had_been(tmp_p
     tracker.log_experiment({"search.num_samples": 2}, {"space_sha256": "0" * 64})
     refs = {tid: tracker.child_run(tid, f"run_trial_{tid}", {"train.lr": 0.001}) for tid in ("aaa", "bbb")}
     assert all(ref.startswith("vpsde:") for ref in refs.values())  # keys: the store has not created them
-    for tid, ref in refs.items():
+    for ref in refs.values():
         tracker.log_rung(ref, {"step": 10, "val_bpd": 9.0, "train_loss": 1.0})
         tracker.finish_trial(ref, "completed")
     assert tracker.child_run_ids() == {} and tracker.parent_run_id is None
@@ -256,7 +261,8 @@ def test_a_search_whose_store_was_never_up_is_backfilled_as_if_it_had_been(tmp_p
     (experiment_dir / "trials.csv").write_text('trial_id,ch_mult,mlflow_run_id\naaa,"[1, 2, 2]",\nbbb,"[1, 2, 4]",\n')
     (experiment_dir / "best_config.yaml").write_text(
         "# header\n# second\nmodel:\n  ch: 8\nprovenance:\n  trial_id: aaa\n  mlflow_experiment_id: null\n"
-        "  mlflow_parent_run_id: null\n  mlflow_run_id: ''\n")
+        "  mlflow_parent_run_id: null\n  mlflow_run_id: ''\n"
+    )
     tracker.log_summary({"trials": 2}, {"winner_trial_id": "aaa"}, [experiment_dir / "trials.csv"])
     tracker.set_experiment_tag("vpsde.latest", "tiny")
     tracker.finish("FINISHED")
@@ -284,7 +290,8 @@ def test_a_search_whose_store_was_never_up_is_backfilled_as_if_it_had_been(tmp_p
     changed = fill_mlflow_ids(experiment_dir, later.experiment_id, later.parent_run_id, ids)
     assert sorted(p.name for p in changed) == ["best_config.yaml", "trials.csv"]
     assert (experiment_dir / "trials.csv").read_text() == (
-        f'trial_id,ch_mult,mlflow_run_id\naaa,"[1, 2, 2]",{ids["aaa"]}\nbbb,"[1, 2, 4]",{ids["bbb"]}\n')
+        f'trial_id,ch_mult,mlflow_run_id\naaa,"[1, 2, 2]",{ids["aaa"]}\nbbb,"[1, 2, 4]",{ids["bbb"]}\n'
+    )
     text = (experiment_dir / "best_config.yaml").read_text()
     assert text.startswith("# header\n# second\nmodel:\n  ch: 8\n")
     assert f"mlflow_run_id: {ids['aaa']}" in text and f"mlflow_parent_run_id: {parent.info.run_id}" in text
@@ -294,11 +301,86 @@ def test_a_search_whose_store_was_never_up_is_backfilled_as_if_it_had_been(tmp_p
 def test_a_new_sqlite_store_appears_whole_and_an_existing_one_is_left_alone(tmp_path, empty_store):
     """Readers that open the store while a search creates it must never see (and so migrate) a half-made file."""
     made = tmp_path / "runs" / "mlflow.db"
-    client = outbox_module.mlflow_client(f"sqlite:///{made}")
+    client = mlflow_ops.mlflow_client(f"sqlite:///{made}")
     assert made.exists() and client.get_experiment_by_name("Default") is not None
     assert sorted(p.name for p in made.parent.iterdir()) == ["mlflow.db"]  # no temp file left behind
     existing = tmp_path / "existing.db"
     shutil.copy(empty_store, existing)
     before = existing.read_bytes()
-    outbox_module._create_sqlite_store(existing)
+    mlflow_ops._create_sqlite_store(existing)
     assert existing.read_bytes() == before
+
+
+class BlockingStore(SwitchableStore):
+    """A store whose calls wait until `gate` opens: a tracking server that has stopped answering quickly."""
+
+    def __init__(self, db: Path):
+        super().__init__(db)
+        import threading
+
+        self.gate = threading.Event()
+        self.batches = []  # the number of metric points in each log_batch call that carried metrics
+
+    def __getattr__(self, name):
+        call = super().__getattr__(name)
+
+        def waiting(*args, **kwargs):
+            self.gate.wait()
+            if name == "log_batch" and kwargs.get("metrics"):
+                self.batches.append(len(kwargs["metrics"]))
+            return call(*args, **kwargs)
+
+        return waiting
+
+
+def test_in_the_background_the_caller_never_waits_and_what_piled_up_goes_in_one_call_a_run(tmp_path, empty_store):
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    store = BlockingStore(tmp_path / "mlflow.db")
+    store.client.create_experiment("vpsde-tune", artifact_location=(tmp_path / "artifacts").as_uri())
+    lines = []
+    box = Outbox(tmp_path / "exp", URI_LABEL, log=lines.append, client_factory=store, background=True)
+    keys = [new_key() for _ in range(3)]
+    for key in keys:  # the store answers nothing yet: every call below returns all the same
+        box.create_run(key, experiment="vpsde-tune", name="trial")
+    for step in range(10, 110, 10):
+        for key in keys:
+            rung(box, key, step)
+    box.terminate(keys[0], "FINISHED")
+    assert box.pending == 34 and store.received == []
+    store.gate.set()
+    assert box.flush() and box.pending == 0 and box.complete
+    box.close()
+    assert lines == [] and sent_once(store)
+    for key in keys:
+        assert history(store, box.run_id(key)) == [(s, 10.0 - s / 10) for s in range(10, 110, 10)]
+    assert store.client.get_run(box.run_id(keys[0])).info.status == "FINISHED"
+    # The first rung of the first run may have gone alone (the sender was started by it); the rest went merged,
+    # one call a run, not one a rung.
+    assert len(store.batches) <= 4 and sum(store.batches) == 30
+    assert len(box.lags_ms) == 34 and not (tmp_path / "exp" / OUTBOX_FILE).exists()
+
+
+def test_a_rung_the_store_already_holds_is_not_logged_again_by_a_new_process(tmp_path, store):
+    """A driver killed after a rung reached MLflow but before Tune saved its state: the restored trial reports the
+    rung again, with a new timestamp; the new process's outbox drops it against the store's history."""
+    clock, lines = Clock(), []
+    key = new_key()
+    box = make_outbox(tmp_path / "exp", store, clock, lines)
+    box.create_run(key, experiment="vpsde-tune", name="trial")
+    run_id = box.run_id(key)
+    for step in (10, 20):
+        box.log_batch(run_id, metrics=[("seconds", step, 1_000 + step, step)], new_steps_of="seconds")
+    again = make_outbox(tmp_path / "exp", store, clock, lines)
+    for step in (20, 30):
+        again.log_batch(
+            run_id,
+            metrics=[("seconds", step, 5_000 + step, step)],
+            tags={"reason": f"rung {step}"},
+            new_steps_of="seconds",
+        )
+    assert [(m.step, m.timestamp) for m in store.client.get_metric_history(run_id, "seconds")] == [
+        (10, 1_010),
+        (20, 1_020),
+        (30, 5_030),
+    ]
+    assert store.client.get_run(run_id).data.tags["reason"] == "rung 30"

@@ -63,10 +63,28 @@ def test_two_searches_at_once_and_a_full_run_on_postgres(pg_server, tmp_path):
     space.write_text(yaml.safe_dump(raw))
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     names = ["tiny-a", "tiny-b"]
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "tune.py"), "--space", str(space), "--name", name,
-                               "--storage", str(tmp_path / "runs"), "--mlflow-uri", server.uri],
-                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for name in names]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "tune.py"),
+                "--space",
+                str(space),
+                "--name",
+                name,
+                "--storage",
+                str(tmp_path / "runs"),
+                "--mlflow-uri",
+                server.uri,
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for name in names
+    ]
     outputs = [proc.communicate(timeout=900)[0] for proc in procs]
     for proc, output in zip(procs, outputs):
         assert proc.returncode == 0, output[-3000:]
@@ -86,8 +104,9 @@ def test_two_searches_at_once_and_a_full_run_on_postgres(pg_server, tmp_path):
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
         # Each search's children are its own trials, and nothing else: the two searches kept apart.
         assert sorted(c.data.tags["trial_id"] for c in children) == sorted(table.trial_id)
-        assert dict(zip(table.trial_id, table.mlflow_run_id)) == {c.data.tags["trial_id"]: c.info.run_id
-                                                                  for c in children}
+        assert dict(zip(table.trial_id, table.mlflow_run_id)) == {
+            c.data.tags["trial_id"]: c.info.run_id for c in children
+        }
         results = tune_results(folder)
         for child in children:
             assert child.info.status == "FINISHED" and child.data.params["train.lr"]
@@ -104,8 +123,14 @@ def test_two_searches_at_once_and_a_full_run_on_postgres(pg_server, tmp_path):
     config["eval"]["accurate"].update(n_images=4, rtol=1.0e-2, atol=1.0e-2)  # a quick test score
     config_path = tmp_path / "runs" / "tiny-a" / "quick_config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(config_path), "--steps", "10"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--config", str(config_path), "--steps", "10"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = tmp_path / "runs" / "tiny-a" / "full_run"
     metrics = json.loads((out / "metrics.json").read_text())
@@ -117,7 +142,8 @@ def test_two_searches_at_once_and_a_full_run_on_postgres(pg_server, tmp_path):
     curve = client.get_metric_history(run.info.run_id, "train_loss")
     assert [m.step for m in curve] == [r["step"] for r in metrics["history"]]
     assert {"metrics.json", "config.yaml", "samples_pc.png", "samples_ode.png"} <= {
-        a.path for a in client.list_artifacts(run.info.run_id)}
+        a.path for a in client.list_artifacts(run.info.run_id)
+    }
 
     # The rows are in PostgreSQL, not in some SQLite file beside the server.
     import psycopg

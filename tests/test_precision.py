@@ -74,6 +74,7 @@ def test_auto_reaches_the_trainer_resolved(mnist5k):
     assert trainer.precision == resolve_precision("auto", trainer.device) in ("fp32", "bf16")
 
 
+@pytest.mark.slow  # 2 x 60 training steps, bf16 on a CPU
 def test_bf16_training_lowers_the_dsm_loss_as_fp32_does(mnist5k):
     val = {}
     for precision in ("fp32", "bf16"):

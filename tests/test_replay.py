@@ -4,13 +4,12 @@ import itertools
 import math
 
 import numpy as np
+import optuna.distributions as od
 import pandas as pd
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from bench.replay import CurveTable, Strategy, compare_medians, median_ci, quartiles, simulate, speedup_interval
 from tuner.searcher import OptunaSearcher, make_sampler
-
-import optuna.distributions as od
 
 STEPS = (10, 20, 40)
 LRS = (1e-4, 1e-3, 1e-2)
@@ -22,20 +21,37 @@ def table(train_seconds=5.0, eval_seconds=1.0, setup=2.0) -> CurveTable:
         for step in STEPS:
             for eps in (1e-5, 1e-3):
                 value = 10 - math.log10(lr) * step / 40 + (0.5 if eps == 1e-3 else 0.0)
-                rows.append({"lr": lr, "batch_size": b, "num_res_blocks": 1, "ch_mult": "1,2,2", "step": step,
-                             "sampling_eps": eps, "val_bpd": value, "eval_seconds": eval_seconds,
-                             "train_seconds": train_seconds, "setup_seconds": setup, "diverged": False})
+                rows.append(
+                    {
+                        "lr": lr,
+                        "batch_size": b,
+                        "num_res_blocks": 1,
+                        "ch_mult": "1,2,2",
+                        "step": step,
+                        "sampling_eps": eps,
+                        "val_bpd": value,
+                        "eval_seconds": eval_seconds,
+                        "train_seconds": train_seconds,
+                        "setup_seconds": setup,
+                        "diverged": False,
+                    }
+                )
     return CurveTable(pd.DataFrame(rows))
 
 
-SPACE = {"lr": od.FloatDistribution(1e-4, 1e-2, log=True), "batch_size": od.CategoricalDistribution([16, 32]),
-         "num_res_blocks": od.CategoricalDistribution([1]), "ch_mult": od.CategoricalDistribution(["1,2,2"]),
-         "sampling_eps": od.FloatDistribution(1e-5, 1e-3, log=True)}
+SPACE = {
+    "lr": od.FloatDistribution(1e-4, 1e-2, log=True),
+    "batch_size": od.CategoricalDistribution([16, 32]),
+    "num_res_blocks": od.CategoricalDistribution([1]),
+    "ch_mult": od.CategoricalDistribution(["1,2,2"]),
+    "sampling_eps": od.FloatDistribution(1e-5, 1e-3, log=True),
+}
 
 
 def random_searcher(seed):
-    return OptunaSearcher(SPACE, make_sampler("random", seed, 1), metric="val_bpd", mode="min", full_steps=40,
-                          study_name="t")
+    return OptunaSearcher(
+        SPACE, make_sampler("random", seed, 1), metric="val_bpd", mode="min", full_steps=40, study_name="t"
+    )
 
 
 def test_snap_is_nearest_on_a_log_scale():
@@ -50,13 +66,16 @@ def test_fifo_clock_runs_every_trial_to_the_end_two_at_a_time():
     # Each trial: setup 2 + 3 rungs x (train 5 + eval 1) = 20 s; 2 slots for 100 s -> 5 rounds of 2 trials.
     run = simulate(Strategy(random_searcher, FIFOScheduler), table(), seed=0, horizon_s=100.0)
     times = sorted(t for t, _ in run.reports)
-    assert times == [t for r in range(5) for t in (20 * r + 8, 20 * r + 8, 20 * r + 14, 20 * r + 14, 20 * r + 20, 20 * r + 20)]
+    assert times == [
+        t for r in range(5) for t in (20 * r + 8, 20 * r + 8, 20 * r + 14, 20 * r + 14, 20 * r + 20, 20 * r + 20)
+    ]
     assert run.trials == 12  # 10 finished, and the 2 started at 100 s
 
 
 def test_asha_stops_trials_and_starts_more_in_the_same_time():
-    asha = lambda: ASHAScheduler(time_attr="step", metric="val_bpd", mode="min", max_t=40, grace_period=10,
-                                 reduction_factor=2)
+    asha = lambda: ASHAScheduler(
+        time_attr="step", metric="val_bpd", mode="min", max_t=40, grace_period=10, reduction_factor=2
+    )
     fifo_run = simulate(Strategy(random_searcher, FIFOScheduler), table(), seed=1, horizon_s=400.0)
     asha_run = simulate(Strategy(random_searcher, asha), table(), seed=1, horizon_s=400.0)
     assert asha_run.trials > fifo_run.trials
@@ -65,8 +84,7 @@ def test_asha_stops_trials_and_starts_more_in_the_same_time():
 
 def test_eps_at_scoring_reports_the_best_eps_and_pays_for_every_eps():
     one = simulate(Strategy(random_searcher, FIFOScheduler), table(), seed=0, horizon_s=20.0)
-    every = simulate(Strategy(random_searcher, FIFOScheduler, eps_at_scoring=True), table(), seed=0,
-                     horizon_s=23.0)
+    every = simulate(Strategy(random_searcher, FIFOScheduler, eps_at_scoring=True), table(), seed=0, horizon_s=23.0)
     assert [t for t, _ in every.reports][:1] == [9.0]  # setup 2 + train 5 + two evals of 1 s
     assert min(v for _, v in every.reports) <= min(v for _, v in one.reports)
 
@@ -127,3 +145,20 @@ def test_speedup_interval_brackets_the_ratio_of_medians():
     # Half the baseline's seeds never reach the target: its resampled medians are often inf.
     never = np.concatenate([np.full(100, np.inf), rng.exponential(30.0, 100)])
     assert speedup_interval(never, fast)[1] == np.inf
+
+
+def test_more_slots_run_more_trials_at_once_on_the_same_clock():
+    # 8 slots: 8 trials side by side, each 20 s (setup 2 + 3 rungs of 6 s); 40 s -> 2 rounds of 8, and 8 started.
+    run = simulate(Strategy(random_searcher, FIFOScheduler), table(), seed=0, horizon_s=40.0, slots=8)
+    times = sorted(t for t, _ in run.reports)
+    assert times == sorted([t for r in range(2) for t in (20 * r + 8, 20 * r + 14, 20 * r + 20)] * 8)
+    assert run.trials == 24
+
+
+def test_replay_budgets_keep_the_compute_of_two_slots_unless_given():
+    from bench.tuning_efficiency import replay_budgets
+
+    assert replay_budgets(2) == (5, 10, 20, 40)
+    assert replay_budgets(8) == (1.25, 2.5, 5, 10)  # 8 slots x 10 min = 2 slots x 40 min
+    assert replay_budgets(32)[-1] == 2.5
+    assert replay_budgets(8, [20, 5]) == (5, 20)  # wall-clock minutes as given, in order

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import math
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pandas as pd
 import pytest
+import yaml
 
 from tuner import report as rp
 from tuner.space import load_space
@@ -85,9 +88,12 @@ def test_importance_is_over_the_full_length_trials_and_their_final_scores(built)
     created = [json.loads(entry[0])["trial_id"] for entry in state["trial_data"]]  # the order Tune made them in
     study = optuna.create_study()
     for row in sorted(full.itertuples(), key=lambda r: created.index(r.trial_id)):
-        study.add_trial(optuna.trial.create_trial(params=params[row.trial_id], distributions=distributions,
-                                                  value=row.val_bpd_last))
-    expected = optuna.importance.get_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+        study.add_trial(
+            optuna.trial.create_trial(params=params[row.trial_id], distributions=distributions, value=row.val_bpd_last)
+        )
+    expected = optuna.importance.get_param_importances(
+        study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
+    )
     assert summary["importance"]["values"] == pytest.approx({k: float(v) for k, v in expected.items()})
 
 
@@ -131,7 +137,8 @@ def test_importance_is_omitted_with_the_reason_below_two_full_length_trials(tmp_
     folder = copy_recorded(tmp_path)
     table = pd.read_csv(folder / "trials.csv", dtype={"trial_id": str})
     table.loc[table.trial_id != WINNER, "status"] = table.loc[table.trial_id != WINNER, "status"].replace(
-        "completed", "stopped early")
+        "completed", "stopped early"
+    )
     table.to_csv(folder / "trials.csv", index=False)
     out = rp.build_report(folder, sampler=None)
     assert "importance" not in out.figures and not (folder / "report" / "importance.png").exists()
@@ -192,3 +199,143 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "--space" in err
     assert rp.main([str(folder), "--no-samples", "--space", str(tmp_path / "elsewhere.yaml")]) == 0
     assert (folder / "report" / "report.html").is_file()
+
+
+# ---- at scale: a synthetic experiment of many trials, its export written by the export itself ----------------------
+SCALE_SPACE = {
+    "steps: 20, val_every: 10": "steps: 180, val_every: 20",
+    "grace_period: 10": "grace_period: 20",
+    "reduction_factor: 2": "reduction_factor: 3",
+}  # rungs at 20 and 60 of 180 steps
+
+
+class RecordingTracker:
+    tracking_uri, experiment_id, parent_run_id = "sqlite:///unused.db", "1", "parent"
+
+    def log_comparison(self, *args):
+        pass
+
+    def log_summary(self, **kwargs):
+        pass
+
+
+def synthetic_experiment(folder: Path, n: int, seed: int = 0) -> Path:
+    """An experiment folder of n trials as tune.py leaves it: Tune's trial folders and state file, then the export
+    (trials_table and write_outputs, the same functions the driver calls), with three accurate re-scores of which
+    one ties with the winner on the paired rule. ASHA-like: two thirds stop at each rung; a few error or diverge."""
+    import random
+
+    from tuner.export import rank_candidates, trials_table, write_outputs
+    from tuner.mlflow_runs import completion_status
+
+    rng = random.Random(seed)
+    folder.mkdir(parents=True)
+    text = (RECORDED / "space.yaml").read_text()
+    for old, new in SCALE_SPACE.items():
+        text = text.replace(old, new)
+    (folder / "space.yaml").write_text(text)
+    space = load_space(folder / "space.yaml")
+    full = space.base_config.train.steps
+    trials, histories, checkpoints, statuses, state = [], {}, {}, {}, []
+    for i in range(n):
+        tid = f"{i:08x}"
+        params = {
+            hp.name: rng.choice(hp.labels())
+            if hp.is_choice
+            else math.exp(rng.uniform(math.log(hp.low), math.log(hp.high)))
+            for hp in space.hyperparameters
+        }
+        params["train.device"] = "cpu"
+        name = f"run_trial_{tid}_{i + 1}_synthetic"
+        sub = folder / name
+        sub.mkdir()
+        (sub / "params.json").write_text(json.dumps(params))
+        quality = rng.uniform(0, 3) + abs(math.log10(params["lr"]) + 2.7)  # best near lr 2e-3
+        stop = 20 if rng.random() < 2 / 3 else 60 if rng.random() < 2 / 3 else full
+        fate = rng.random()
+        records = [
+            {
+                "trial_id": tid,
+                "step": s,
+                "val_bpd": 2.5 + quality + 30 / s + rng.gauss(0, 0.05),
+                "val_bpd_stderr": 0.05,
+                "seconds": s * 0.1,
+            }
+            for s in range(20, stop + 1, 20)
+        ]
+        if fate < 0.01:
+            records = []  # errored before its first report
+        elif fate < 0.03:
+            records[-1].update(val_bpd=math.inf, diverged=True)
+        (sub / "result.json").write_text("".join(json.dumps(r) + "\n" for r in records))
+        tune_status = "ERROR" if fate < 0.01 else "TERMINATED"
+        state.append([json.dumps({"trial_id": tid, "status": tune_status, "relative_logdir": name}), "{}"])
+        last = records[-1] if records else {}
+        statuses[tid] = "errored" if tune_status == "ERROR" else completion_status(last, full)
+        trials.append(SimpleNamespace(trial_id=tid, config=params, last_result=last))
+        if records:
+            histories[tid] = pd.DataFrame(records)
+            checkpoints[tid] = SimpleNamespace(path=str(sub / "checkpoint_000000"))
+    (folder / "experiment_state-synthetic.json").write_text(json.dumps({"trial_data": state}))
+    analysis = SimpleNamespace(
+        trials=trials, trial_dataframes=histories, get_last_checkpoint=lambda trial: checkpoints.get(trial.trial_id)
+    )
+    best = [t.trial_id for t, _ in rank_candidates(analysis, statuses, 3)]
+    images = [rng.uniform(1.5, 4.5) for _ in range(16)]
+    # Per image: the third candidate wins; the first is 0.05 worse give or take 0.3 (tied: within 2 paired
+    # standard errors); the second is 0.2 worse on every image (not tied, though all the error bars overlap).
+    shifts = {
+        best[2]: lambda k: 0.0,
+        best[0]: lambda k: 0.05 + (0.3 if k % 2 else -0.3),
+        best[1]: lambda k: 0.2 + (0.01 if k % 2 else -0.01),
+    }
+    rescores = {}
+    for tid, shift in shifts.items():
+        per_image = [v + shift(k) for k, v in enumerate(images)]
+        rescores[tid] = {
+            "mean": sum(per_image) / len(per_image),
+            "stderr": 0.2,
+            "per_image": per_image,
+            "nfe": 100,
+            "seconds": 1.0,
+            "failed": False,
+            "fidelity": {"name": "accurate"},
+        }
+    table = trials_table(analysis, space, statuses, rescores, {})
+    write_outputs(folder, space, table, rescores, analysis, RecordingTracker())
+    return folder
+
+
+def test_learning_curves_draw_only_the_best_trials_strong(tmp_path):
+    exp = rp.load_experiment(synthetic_experiment(tmp_path / "many", 300))
+    reported = [t for t in exp.trials if t.history["val_bpd"].map(math.isfinite).any()]
+    ranked = sorted((t for t in exp.trials if math.isfinite(t.final_bpd)), key=lambda t: t.final_bpd)
+    top = [t.trial_id for t in ranked[: rp.STRONG]]
+    mid = ranked[100].trial_id  # a winner far from the best last scores (e.g. an accurate re-score of an outlier)
+    assert exp.winner.trial_id in top  # the synthetic winner is among the best by last score
+    for winner, strong in ((exp.winner.trial_id, top), (mid, [*top, mid])):
+        exp.winner = dataclasses.replace(exp.winner, trial_id=winner)
+        fig = rp.learning_curves_figure(exp)
+        (ax,) = fig.axes
+        lines = {line.get_gid(): line for line in ax.get_lines() if (line.get_gid() or "").startswith("strong ")}
+        assert list(lines) == [f"strong {tid}" for tid in strong]  # best first, the winner added only when outside
+        assert [text.get_text().split()[0] for text in ax.get_legend().get_texts()] == strong
+        assert not fig.legends and sum(a.get_legend() is not None for a in fig.axes) == 1  # one legend
+        (faint,) = [c for c in ax.collections if c.get_gid() == "faint"]
+        assert len(faint.get_segments()) == len(reported) - len(strong)  # every other reporting trial, faint
+        assert faint.get_alpha() <= 0.3
+        assert max(faint.get_linewidths()) < min(line.get_linewidth() for line in lines.values())
+        assert lines[f"strong {winner}"].get_linewidth() == max(line.get_linewidth() for line in lines.values())
+
+
+def test_a_large_experiment_reports_the_exports_winner_and_ties(tmp_path):
+    folder = synthetic_experiment(tmp_path / "many", 120)
+    table = pd.read_csv(folder / "trials.csv", dtype={"trial_id": str})
+    out = rp.build_report(folder, sampler=None)
+    best = yaml.safe_load((folder / "best_config.yaml").read_text())["provenance"]
+    assert out.summary["winner"]["trial_id"] == best["trial_id"] == table.trial_id[0]
+    exported_ties = set(table.trial_id[table.tied_with_winner.eq(True)])  # True, False or empty (not re-scored)
+    assert set(out.summary["tied_with_winner"]) == exported_ties and len(exported_ties) == 2  # the winner and one
+    assert "paired comparison" in out.summary["ties_note"]
+    assert sum(out.summary["trials"].values()) == len(table) == 120
+    assert set(out.figures) == set(rp.FIGURES) - {"samples"}

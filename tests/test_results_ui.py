@@ -42,9 +42,14 @@ def experiment(tmp_path_factory):
     raw["search"]["num_samples"] = 3
     space = tmp / "gpu.yaml"
     space.write_text(yaml.safe_dump(raw))
-    out = subprocess.run([sys.executable, str(ROOT / "tune.py"), "--space", str(space), "--storage", str(tmp / "runs"),
-                          "--allow-cpu"], cwd=tmp, capture_output=True, text=True, timeout=900,
-                         env={**os.environ, "RAY_DEDUP_LOGS": "0"})
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tune.py"), "--space", str(space), "--storage", str(tmp / "runs"), "--allow-cpu"],
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "RAY_DEDUP_LOGS": "0"},
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return tmp / "runs", out.stdout
 
@@ -73,9 +78,9 @@ def serving(cmd: list[str], port: int, timeout: float = 240):
             try:
                 urllib.request.urlopen(base + "/", timeout=10).read()
                 break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
+            except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
                 if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"{cmd[0]} did not come up on {base}")
+                    raise RuntimeError(f"{cmd[0]} did not come up on {base}") from exc
                 time.sleep(1)
         yield base
     finally:
@@ -101,12 +106,24 @@ def test_mlflow_server_serves_the_parent_its_trials_their_curves_and_the_report(
     storage, _ = experiment
     table = pd.read_csv(storage / "tiny" / "trials.csv", dtype={"trial_id": str})
     port = free_port()
-    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{storage / 'mlflow.db'}",
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    cmd = [
+        str(BIN / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{storage / 'mlflow.db'}",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     with serving(cmd, port) as base:
         api = base + "/api/2.0/mlflow"
         experiment_ = get(f"{api}/experiments/get-by-name?experiment_name=vpsde-tune")["experiment"]
-        assert {t["key"]: t["value"] for t in experiment_.get("tags", [])}["mlflow.experimentKind"] == "custom_model_development"
+        assert {t["key"]: t["value"] for t in experiment_.get("tags", [])}[
+            "mlflow.experimentKind"
+        ] == "custom_model_development"
         runs = get(f"{api}/runs/search", {"experiment_ids": [experiment_["experiment_id"]], "max_results": 100})["runs"]
         tags = {r["info"]["run_id"]: {t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs}
         parents = [rid for rid, t in tags.items() if "mlflow.parentRunId" not in t]
@@ -122,8 +139,14 @@ def test_mlflow_server_serves_the_parent_its_trials_their_curves_and_the_report(
 
         listed = get(f"{api}/artifacts/list?run_id={parent}&path=report")["files"]
         names = {Path(f["path"]).name for f in listed}
-        assert {"report.html", "learning_curves.png", "importance.png", "hyperparameters.png", "rescores.png",
-                "samples.png"} <= names
+        assert {
+            "report.html",
+            "learning_curves.png",
+            "importance.png",
+            "hyperparameters.png",
+            "rescores.png",
+            "samples.png",
+        } <= names
         page = get(f"{base}/get-artifact?" + urllib.parse.urlencode({"path": "report/report.html", "run_uuid": parent}))
         assert b"data:image/png;base64," in page and b"Learning curves" in page
         assert b"<html" in get(base + "/").lower()  # the UI itself is served
@@ -134,8 +157,14 @@ def test_optuna_dashboard_shows_the_study_with_intermediate_values(experiment):
     storage, _ = experiment
     table = pd.read_csv(storage / "tiny" / "trials.csv", dtype={"trial_id": str})
     port = free_port()
-    cmd = [str(BIN / "optuna-dashboard"), f"sqlite:///{storage / 'tiny' / 'optuna.db'}", "--host", "127.0.0.1",
-           "--port", str(port)]
+    cmd = [
+        str(BIN / "optuna-dashboard"),
+        f"sqlite:///{storage / 'tiny' / 'optuna.db'}",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     with serving(cmd, port) as base:
         studies = get(base + "/api/studies")["study_summaries"]
         assert [s["study_name"] for s in studies] == ["tiny"]

@@ -25,13 +25,13 @@ import pytest
 import torch
 from PIL import Image
 
+from sample import main
 from trials.config import SampleConfig, TrialConfig
-from trials.data import MnistData
+from trials.data import DatasetSplits
 from trials.model import UNet, score_fn, unet_for
 from trials.odesolve import ODEFailure
-from sample import main
-from trials.sampling import SAMPLERS, langevin_correct, ode_sample, pc_sample, save_grid, to_image_range
-from trials.sde import SubVPSDE, VPSDE, gaussian_marginal, gaussian_score
+from trials.sampling import IMAGE_SAMPLERS, langevin_correct, ode_sample, pc_sample, save_grid, to_image_range
+from trials.sde import VPSDE, SubVPSDE, gaussian_marginal, gaussian_score
 from trials.trainer import Trainer
 
 SDE = VPSDE()
@@ -93,7 +93,7 @@ def euler_maruyama_bias(steps: int) -> tuple[float, float]:
     mean, std = MEAN.double(), STD.double()
     m, V = torch.zeros_like(mean), torch.ones_like(mean)
     for i in range(steps):
-        t, h = times[i:i + 1], (times[i] - times[i + 1]).item()
+        t, h = times[i : i + 1], (times[i] - times[i + 1]).item()
         mean_t, std_t = gaussian_marginal(SDE, mean, std, t)
         beta, var_t = SDE.beta(t).item(), std_t[0] ** 2
         # x' = x - h * reverse_drift = x + h (beta x / 2 - beta (x - mean_t) / var_t) + sqrt(beta h) z
@@ -115,21 +115,37 @@ def test_euler_maruyama_bias_is_small_at_the_tested_step_count():
 
 
 def test_pc_predictor_only_draws_from_p_eps():
-    x = pc_sample(exact_score(), SDE, SHAPE, eps=EPS, steps=PC_STEPS, corrector_steps=0,
-                  generator=torch.Generator().manual_seed(0))
+    x = pc_sample(
+        exact_score(),
+        SDE,
+        SHAPE,
+        eps=EPS,
+        steps=PC_STEPS,
+        corrector_steps=0,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert matches_p_eps(x, *euler_maruyama_bias(PC_STEPS))
 
 
 def test_pc_with_corrector_draws_from_p_eps():
-    x = pc_sample(exact_score(), SDE, SHAPE, eps=EPS, steps=PC_STEPS, corrector_steps=1, snr=SNR,
-                  generator=torch.Generator().manual_seed(0))
+    x = pc_sample(
+        exact_score(),
+        SDE,
+        SHAPE,
+        eps=EPS,
+        steps=PC_STEPS,
+        corrector_steps=1,
+        snr=SNR,
+        generator=torch.Generator().manual_seed(0),
+    )
     mean_bias, var_bias = euler_maruyama_bias(PC_STEPS)
     assert matches_p_eps(x, mean_bias, var_bias + SNR**2)
 
 
 def test_ode_draws_from_p_eps():
-    x, nfe = ode_sample(exact_score(), SDE, SHAPE, eps=EPS, rtol=1e-5, atol=1e-5,
-                        generator=torch.Generator().manual_seed(0))
+    x, nfe = ode_sample(
+        exact_score(), SDE, SHAPE, eps=EPS, rtol=1e-5, atol=1e-5, generator=torch.Generator().manual_seed(0)
+    )
     mean_bias, var_bias = prior_mismatch()
     solver = 1e-3  # global error of a 1e-5 local tolerance over tens of steps
     assert matches_p_eps(x, mean_bias + solver, var_bias + solver)
@@ -141,8 +157,17 @@ def test_ode_without_denoising_is_the_exact_affine_flow_map(frame):
     # With the exact Gaussian score the flow maps a prior draw x_T to mean_eps + std_eps / std_T (x_T - mean_T)
     # per pixel: the sampler must reproduce that map (not just its distribution) in either frame.
     shape = (64, 1, 4, 4)
-    x, _ = ode_sample(exact_score(), SDE, shape, eps=EPS, rtol=1e-6, atol=1e-6, frame=frame, denoise=False,
-                      generator=torch.Generator().manual_seed(3))
+    x, _ = ode_sample(
+        exact_score(),
+        SDE,
+        shape,
+        eps=EPS,
+        rtol=1e-6,
+        atol=1e-6,
+        frame=frame,
+        denoise=False,
+        generator=torch.Generator().manual_seed(3),
+    )
     x_T = SDE.prior_sample(shape, generator=torch.Generator().manual_seed(3))
     mean_eps, std_eps = gaussian_marginal(SDE, MEAN, STD, torch.tensor([EPS]))
     mean_T, std_T = gaussian_marginal(SDE, MEAN, STD, torch.tensor([SDE.T]))
@@ -154,8 +179,20 @@ def test_logsnr_frame_needs_fewer_evaluations_than_t_for_the_same_samples():
     # nearly a straight line. Same prior draw, same tolerance, samples agree; logsnr is cheaper.
     std = torch.full((1, 4, 4), 0.01)
     score = gaussian_score(SDE, MEAN, std)
-    runs = {frame: ode_sample(score, SDE, (64, 1, 4, 4), eps=1e-5, rtol=1e-5, atol=1e-5, frame=frame,
-                              denoise=False, generator=torch.Generator().manual_seed(0)) for frame in ("logsnr", "t")}
+    runs = {
+        frame: ode_sample(
+            score,
+            SDE,
+            (64, 1, 4, 4),
+            eps=1e-5,
+            rtol=1e-5,
+            atol=1e-5,
+            frame=frame,
+            denoise=False,
+            generator=torch.Generator().manual_seed(0),
+        )
+        for frame in ("logsnr", "t")
+    }
     torch.testing.assert_close(runs["logsnr"][0], runs["t"][0], rtol=0, atol=1e-3)
     assert runs["logsnr"][1] < runs["t"][1]
 
@@ -165,10 +202,19 @@ def test_ode_denoising_returns_the_posterior_mean_of_x0():
     # E[x0 | x_eps] = mean + alpha std^2 (x_eps - alpha mean) / std_eps^2, an affine map of a p_eps draw,
     # so it is Gaussian with mean `mean` and variance alpha^2 std^4 / std_eps^2 (here 0.17 against p_eps's 0.33).
     eps = 0.1
-    x, nfe = ode_sample(exact_score(), SDE, SHAPE, eps=eps, rtol=1e-5, atol=1e-5,
-                        generator=torch.Generator().manual_seed(0))
-    raw, raw_nfe = ode_sample(exact_score(), SDE, SHAPE, eps=eps, rtol=1e-5, atol=1e-5, denoise=False,
-                              generator=torch.Generator().manual_seed(0))
+    x, nfe = ode_sample(
+        exact_score(), SDE, SHAPE, eps=eps, rtol=1e-5, atol=1e-5, generator=torch.Generator().manual_seed(0)
+    )
+    raw, raw_nfe = ode_sample(
+        exact_score(),
+        SDE,
+        SHAPE,
+        eps=eps,
+        rtol=1e-5,
+        atol=1e-5,
+        denoise=False,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert nfe == raw_nfe + 1
     t = torch.tensor([eps])
     alpha = SDE.mean_coeff(t).item()
@@ -242,8 +288,9 @@ def test_langevin_corrector_settles_at_its_known_stationary_law():
 # ---- plumbing ------------------------------------------------------------------------------------------------
 def test_samplers_are_reproducible_from_the_generator_seed():
     def pc(seed):
-        return pc_sample(exact_score(), SDE, (8, 1, 4, 4), eps=EPS, steps=20,
-                         generator=torch.Generator().manual_seed(seed))
+        return pc_sample(
+            exact_score(), SDE, (8, 1, 4, 4), eps=EPS, steps=20, generator=torch.Generator().manual_seed(seed)
+        )
 
     def ode(seed):
         return ode_sample(exact_score(), SDE, (8, 1, 4, 4), eps=EPS, generator=torch.Generator().manual_seed(seed))[0]
@@ -275,8 +322,15 @@ def test_pc_makes_steps_times_one_plus_corrector_score_evaluations_at_times_from
         seen.append(t[0].item())
         return score(x, t)
 
-    pc_sample(recording_score, SDE, (4, 1, 4, 4), eps=0.1, steps=9, corrector_steps=2,
-              generator=torch.Generator().manual_seed(0))
+    pc_sample(
+        recording_score,
+        SDE,
+        (4, 1, 4, 4),
+        eps=0.1,
+        steps=9,
+        corrector_steps=2,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert len(seen) == 9 * 3
     # corrector, corrector, predictor at each of T = 1.0, 0.9, ..., 0.2; the last step ends at eps = 0.1
     assert seen == pytest.approx([1.0 - 0.1 * i for i in range(9) for _ in range(3)], abs=1e-6)
@@ -285,8 +339,16 @@ def test_pc_makes_steps_times_one_plus_corrector_score_evaluations_at_times_from
 def test_denoise_leaves_out_exactly_the_last_steps_noise():
     # Same seed, so both runs agree until the last step, whose noise g(t) sqrt(h) z is all that differs.
     def run(denoise):
-        return pc_sample(exact_score(), SDE, SHAPE, eps=0.1, steps=4, corrector_steps=0, denoise=denoise,
-                         generator=torch.Generator().manual_seed(0))
+        return pc_sample(
+            exact_score(),
+            SDE,
+            SHAPE,
+            eps=0.1,
+            steps=4,
+            corrector_steps=0,
+            denoise=denoise,
+            generator=torch.Generator().manual_seed(0),
+        )
 
     difference = (run(False) - run(True)).double()
     t_last, h = 0.325, 0.225  # grid 1.0, 0.775, 0.55, 0.325, 0.1
@@ -306,8 +368,15 @@ def tiny_unet(seed: int = 0) -> UNet:
 
 TINY_CONFIG = {
     "model": {"ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0},
-    "train": {"batch_size": 4, "steps": 2, "val_images": 4, "val_every": 2, "log_every": 2, "device": "cpu",
-              "num_threads": 1},
+    "train": {
+        "batch_size": 4,
+        "steps": 2,
+        "val_images": 4,
+        "val_every": 2,
+        "log_every": 2,
+        "device": "cpu",
+        "num_threads": 1,
+    },
     "sample": {"n_images": 4, "pc_steps": 3, "ode_rtol": 1e-2, "ode_atol": 1e-2},
 }
 
@@ -316,8 +385,9 @@ def test_samplers_give_finite_images_of_the_requested_shape_from_a_unet():
     score = score_fn(tiny_unet(), SDE)
     x = pc_sample(score, SDE, (3, 1, 28, 28), eps=EPS, steps=3, generator=torch.Generator().manual_seed(0))
     assert x.shape == (3, 1, 28, 28) and torch.isfinite(x).all()
-    x, nfe = ode_sample(score, SDE, (3, 1, 28, 28), eps=EPS, rtol=1e-2, atol=1e-2,
-                        generator=torch.Generator().manual_seed(0))
+    x, nfe = ode_sample(
+        score, SDE, (3, 1, 28, 28), eps=EPS, rtol=1e-2, atol=1e-2, generator=torch.Generator().manual_seed(0)
+    )
     assert x.shape == (3, 1, 28, 28) and torch.isfinite(x).all() and nfe > 0
 
 
@@ -345,9 +415,16 @@ def checkpoint(tmp_path_factory) -> Path:
     def digits(n):
         return torch.randint(0, 256, (n, 1, 28, 28), generator=gen, dtype=torch.uint8)
 
-    data = MnistData(name="random", train=digits(8), train_labels=torch.zeros(8, dtype=torch.long),
-                     val=digits(4), val_labels=torch.zeros(4, dtype=torch.long),
-                     test=digits(4), test_labels=torch.zeros(4, dtype=torch.long), test_is_val=True)
+    data = DatasetSplits(
+        name="random",
+        train=digits(8),
+        train_labels=torch.zeros(8, dtype=torch.long),
+        val=digits(4),
+        val_labels=torch.zeros(4, dtype=torch.long),
+        test=digits(4),
+        test_labels=torch.zeros(4, dtype=torch.long),
+        test_is_val=True,
+    )
     trainer = Trainer(cfg, data, device="cpu")
     for _ in trainer.run():
         pass
@@ -359,8 +436,9 @@ def checkpoint(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("sampler", ["pc", "ode"])
 def test_cli_writes_the_grid(checkpoint, tmp_path, capsys, sampler):
     out = tmp_path / "grid.png"
-    code = main(["--checkpoint", str(checkpoint), "--sampler", sampler, "--n", "4", "--out", str(out),
-                 "--device", "cpu"])
+    code = main(
+        ["--checkpoint", str(checkpoint), "--sampler", sampler, "--n", "4", "--out", str(out), "--device", "cpu"]
+    )
     assert code == 0
     with Image.open(out) as image:
         assert image.size == (2 * 30 + 2, 2 * 30 + 2)  # 4 images, 2 per row
@@ -375,10 +453,13 @@ def one_line_error(capsys) -> str:
     return err
 
 
-@pytest.mark.parametrize("make_bad, expected", [
-    (lambda d: d / "missing.pt", "checkpoint not found"),
-    (lambda d: (d / "notes.txt").write_text("hello") and d / "notes.txt", "not a trials.trainer checkpoint"),
-])
+@pytest.mark.parametrize(
+    "make_bad, expected",
+    [
+        (lambda d: d / "missing.pt", "checkpoint not found"),
+        (lambda d: (d / "notes.txt").write_text("hello") and d / "notes.txt", "not a trials.trainer checkpoint"),
+    ],
+)
 def test_cli_rejects_a_bad_checkpoint_in_one_line(tmp_path, capsys, make_bad, expected):
     code = main(["--checkpoint", str(make_bad(tmp_path)), "--out", str(tmp_path / "g.png")])
     assert code == 2
@@ -402,9 +483,12 @@ def test_cli_rejects_a_bad_n_in_one_line(checkpoint, tmp_path, capsys, n):
 
 
 def test_sample_py_exits_2_without_a_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "sample.py", "--checkpoint", str(tmp_path / "none.pt"),
-                           "--out", str(tmp_path / "g.png")], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.run(
+        [sys.executable, "sample.py", "--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path / "g.png")],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "checkpoint not found" in proc.stderr
 
@@ -414,8 +498,17 @@ def test_the_ode_sampler_maps_the_prior_exactly_under_the_sub_vp_sde(frame):
     # The samplers are typed against trials.sde.SDE: a second SDE's exact flow map comes out unchanged.
     sde = SubVPSDE(0.1, 20.0, 1.0)
     shape = (64, 1, 4, 4)
-    x, _ = ode_sample(gaussian_score(sde, MEAN, STD), sde, shape, eps=EPS, rtol=1e-6, atol=1e-6, frame=frame,
-                      denoise=False, generator=torch.Generator().manual_seed(3))
+    x, _ = ode_sample(
+        gaussian_score(sde, MEAN, STD),
+        sde,
+        shape,
+        eps=EPS,
+        rtol=1e-6,
+        atol=1e-6,
+        frame=frame,
+        denoise=False,
+        generator=torch.Generator().manual_seed(3),
+    )
     x_T = sde.prior_sample(shape, generator=torch.Generator().manual_seed(3))
     mean_eps, std_eps = gaussian_marginal(sde, MEAN, STD, torch.tensor([EPS]))
     mean_T, std_T = gaussian_marginal(sde, MEAN, STD, torch.tensor([sde.T]))
@@ -428,23 +521,41 @@ def test_every_sampler_has_one_shape_and_draws_with_its_config(name):
     # and the images equal those of the underlying function with those settings (same generator seed).
     sc = SampleConfig(pc_steps=7, corrector_steps=1, ode_rtol=1e-4, ode_atol=1e-4)
     shape, lines = (8, 1, 4, 4), []
-    samples = SAMPLERS[name].draw(exact_score(), SDE, shape, eps=EPS, sample=sc,
-                                  generator=torch.Generator().manual_seed(1), report=lines.append, every=0.0)
+    samples = IMAGE_SAMPLERS[name].draw(
+        exact_score(),
+        SDE,
+        shape,
+        eps=EPS,
+        sample=sc,
+        generator=torch.Generator().manual_seed(1),
+        report=lines.append,
+        every=0.0,
+    )
     assert samples.x.shape == shape and torch.isfinite(samples.x).all()
     if name == "pc":
-        expected = pc_sample(exact_score(), SDE, shape, eps=EPS, steps=7, corrector_steps=1, snr=sc.snr,
-                             generator=torch.Generator().manual_seed(1))
-        assert samples.nfe == 7 * 2 and SAMPLERS[name].settings(sc)["steps"] == 7
+        expected = pc_sample(
+            exact_score(),
+            SDE,
+            shape,
+            eps=EPS,
+            steps=7,
+            corrector_steps=1,
+            snr=sc.snr,
+            generator=torch.Generator().manual_seed(1),
+        )
+        assert samples.nfe == 7 * 2 and IMAGE_SAMPLERS[name].settings(sc)["steps"] == 7
         assert len(lines) == 6 and all("left)" in line for line in lines)  # a line per step but the last
     else:
-        expected, nfe = ode_sample(exact_score(), SDE, shape, eps=EPS, rtol=1e-4, atol=1e-4,
-                                   generator=torch.Generator().manual_seed(1))
-        assert samples.nfe == nfe and SAMPLERS[name].settings(sc)["frame"] == "logsnr"
+        expected, nfe = ode_sample(
+            exact_score(), SDE, shape, eps=EPS, rtol=1e-4, atol=1e-4, generator=torch.Generator().manual_seed(1)
+        )
+        assert samples.nfe == nfe and IMAGE_SAMPLERS[name].settings(sc)["frame"] == "logsnr"
         assert lines and all(line.startswith("  ODE sampling ") for line in lines)
     torch.testing.assert_close(samples.x, expected, rtol=0, atol=0)
 
 
 def test_sample_py_offers_every_sampler_of_the_table():
     from sample import parse_args
-    for name in SAMPLERS:
+
+    for name in IMAGE_SAMPLERS:
         assert parse_args(["--checkpoint", "c.pt", "--out", "g.png", "--sampler", name]).sampler == name

@@ -7,7 +7,14 @@ import torch
 
 from trials.config import SDE_KINDS
 from trials.sde import (
-    SDES, FlowFrame, SubVPSDE, VPSDE, gaussian_logp, gaussian_marginal, gaussian_score, make_sde,
+    SDES,
+    VPSDE,
+    FlowFrame,
+    SubVPSDE,
+    gaussian_logp,
+    gaussian_marginal,
+    gaussian_score,
+    make_sde,
     time_at_neg_log_mean_coeff,
 )
 
@@ -138,14 +145,16 @@ def test_logsnr_velocity_is_the_probability_flow_drift_times_dt_dlambda():
     alpha, sigma = SDE.scale_and_std_at(lam)
     velocity, part, seen = FlowFrame(SDE, "logsnr").velocity(lambda xx, tt: score_value, x, lam)
     beta = SDE.beta(t)[:, None]
-    torch.testing.assert_close(velocity, SDE.probability_flow_drift(x, t, score_value) * 2 * sigma**2 / beta,
-                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        velocity, SDE.probability_flow_drift(x, t, score_value) * 2 * sigma**2 / beta, rtol=1e-10, atol=1e-12
+    )
     # The part left for the divergence estimate is the network's sigma eps_theta, eps_theta = -sigma score ...
     torch.testing.assert_close(part, sigma * (-sigma * score_value), rtol=1e-12, atol=1e-12)
     assert seen is score_value
     # ... and in y = x / alpha the same flow is dy/dlambda = s eps_theta (s = sigma / alpha): the DDIM form.
-    torch.testing.assert_close(velocity / alpha + x / alpha * sigma**2, sigma / alpha * (-sigma * score_value),
-                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        velocity / alpha + x / alpha * sigma**2, sigma / alpha * (-sigma * score_value), rtol=1e-10, atol=1e-12
+    )
 
 
 def test_closed_form_divergence_is_the_integral_of_the_linear_parts_divergence():
@@ -224,6 +233,7 @@ def test_logsnr_velocity_is_the_probability_flow_drift_times_dt_dlambda_for_any_
 
 def test_make_sde_builds_the_configured_kind():
     from trials.config import SDEConfig
+
     assert make_sde(SDEConfig()) == VPSDE(0.1, 20.0, 1.0)
     assert make_sde(SDEConfig(kind="subvp", beta_max=4.0)) == SubVPSDE(0.1, 4.0, 1.0)
     assert set(SDES) == set(SDE_KINDS)

@@ -7,15 +7,24 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
-from tuner.searcher import OptunaSearcher, make_sampler, optuna_storage, outcome
+from tuner.search_tables import SCHEDULERS, SEARCH_ALGORITHMS
+from tuner.searcher import OptunaSearcher, make_sampler, make_scheduler, optuna_storage, outcome
 
 SPACE = {"lr": FloatDistribution(1e-4, 1e-1, log=True), "batch_size": CategoricalDistribution([16, 32])}
 FULL = 40
 
 
 def searcher(tmp_path, algorithm="tpe", **kwargs):
-    return OptunaSearcher(SPACE, make_sampler(algorithm, seed=0, startup_trials=2), metric="val_bpd", mode="min",
-                          full_steps=FULL, study_name="exp", storage=optuna_storage(tmp_path), **kwargs)
+    return OptunaSearcher(
+        SPACE,
+        make_sampler(algorithm, seed=0, startup_trials=2),
+        metric="val_bpd",
+        mode="min",
+        full_steps=FULL,
+        study_name="exp",
+        storage=optuna_storage(tmp_path),
+        **kwargs,
+    )
 
 
 def rung(step, value, **extra):
@@ -99,7 +108,7 @@ def test_points_to_evaluate_are_asked_first_and_only_once(tmp_path):
     assert reopened.suggest("c") != point
 
 
-@pytest.mark.parametrize("algorithm", ["tpe", "gp", "random"])
+@pytest.mark.parametrize("algorithm", list(SEARCH_ALGORITHMS))
 def test_every_algorithm_drives_the_study_past_its_startup_trials(tmp_path, algorithm):
     s = searcher(tmp_path, algorithm)
     for i in range(5):
@@ -112,6 +121,16 @@ def test_every_algorithm_drives_the_study_past_its_startup_trials(tmp_path, algo
 def test_unknown_algorithm_is_refused():
     with pytest.raises(ValueError, match="algorithm"):
         make_sampler("bayes", 0, 1)
+
+
+def test_every_scheduler_entry_builds_the_tune_scheduler_its_rungs_describe():
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    built = {name: make_scheduler(name, 160, 40, 2) for name in SCHEDULERS}
+    assert isinstance(built["asha"], ASHAScheduler) and type(built["fifo"]) is FIFOScheduler
+    assert SCHEDULERS["asha"].rungs(160, 40, 2) == [40, 80] and SCHEDULERS["fifo"].rungs(160, 40, 2) == []
+    with pytest.raises(ValueError, match="scheduler"):
+        make_scheduler("pbt", 160, 40, 2)
 
 
 @pytest.mark.parametrize("algorithm", ["tpe", "random"])

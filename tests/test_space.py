@@ -71,19 +71,55 @@ def test_cpu_and_gpu_spaces_tune_the_seeds_five_hyperparameters():
 
 BAD = [
     (variant(colour="red"), "colour: unknown section"),
-    (variant(hyperparameters__depth={"type": "choice", "values": [1, 2]}), "hyperparameters.depth: unknown hyperparameter"),
-    (variant(hyperparameters__lr={"type": "loguniform", "low": 1e-2, "high": 1e-5}), "hyperparameters.lr.low: must be < high"),
-    (variant(hyperparameters__lr={"type": "loguniform", "low": 0, "high": 1e-2}), "hyperparameters.lr.low: must be > 0"),
-    (variant(hyperparameters__lr={"type": "loguniform", "low": -1e-3, "high": 1e-2}), "hyperparameters.lr.low: must be > 0"),
-    (variant(hyperparameters__lr={"type": "loguniform", "low": "small", "high": 1e-2}), "hyperparameters.lr.low: must be a finite number"),
+    (
+        variant(hyperparameters__depth={"type": "choice", "values": [1, 2]}),
+        "hyperparameters.depth: unknown hyperparameter",
+    ),
+    (
+        variant(hyperparameters__lr={"type": "loguniform", "low": 1e-2, "high": 1e-5}),
+        "hyperparameters.lr.low: must be < high",
+    ),
+    (
+        variant(hyperparameters__lr={"type": "loguniform", "low": 0, "high": 1e-2}),
+        "hyperparameters.lr.low: must be > 0",
+    ),
+    (
+        variant(hyperparameters__lr={"type": "loguniform", "low": -1e-3, "high": 1e-2}),
+        "hyperparameters.lr.low: must be > 0",
+    ),
+    (
+        variant(hyperparameters__lr={"type": "loguniform", "low": "small", "high": 1e-2}),
+        "hyperparameters.lr.low: must be a finite number",
+    ),
     (variant(hyperparameters__lr={"type": "gaussian", "low": 1, "high": 2}), "hyperparameters.lr.type: must be one of"),
-    (variant(hyperparameters__lr={"type": "loguniform", "low": 1e-5, "high": 1e-2, "step": 2}), "hyperparameters.lr.step: unknown key"),
-    (variant(hyperparameters__batch_size={"type": "choice", "values": []}), "hyperparameters.batch_size.values: must be a non-empty list"),
-    (variant(hyperparameters__batch_size={"type": "choice", "values": [64, 64]}), "hyperparameters.batch_size.values: has duplicates"),
-    (variant(hyperparameters__batch_size={"type": "choice", "values": [128, "big"]}), "hyperparameters.batch_size: value 'big' is not usable: train.batch_size: must be an integer"),
-    (variant(hyperparameters__ch_mult={"type": "choice", "values": [[1, 2, 2], [1, 2, 2, 2]]}), "hyperparameters.ch_mult: value [1, 2, 2, 2] is not usable"),
-    (variant(hyperparameters__num_res_blocks={"type": "choice", "values": [0, 1]}), "hyperparameters.num_res_blocks: value 0 is not usable"),
-    (variant(hyperparameters__sampling_eps={"type": "loguniform", "low": 1e-5, "high": 2.0}), "hyperparameters.sampling_eps: value 2.0 is not usable"),
+    (
+        variant(hyperparameters__lr={"type": "loguniform", "low": 1e-5, "high": 1e-2, "step": 2}),
+        "hyperparameters.lr.step: unknown key",
+    ),
+    (
+        variant(hyperparameters__batch_size={"type": "choice", "values": []}),
+        "hyperparameters.batch_size.values: must be a non-empty list",
+    ),
+    (
+        variant(hyperparameters__batch_size={"type": "choice", "values": [64, 64]}),
+        "hyperparameters.batch_size.values: has duplicates",
+    ),
+    (
+        variant(hyperparameters__batch_size={"type": "choice", "values": [128, "big"]}),
+        "hyperparameters.batch_size: value 'big' is not usable: train.batch_size: must be an integer",
+    ),
+    (
+        variant(hyperparameters__ch_mult={"type": "choice", "values": [[1, 2, 2], [1, 2, 2, 2]]}),
+        "hyperparameters.ch_mult: value [1, 2, 2, 2] is not usable",
+    ),
+    (
+        variant(hyperparameters__num_res_blocks={"type": "choice", "values": [0, 1]}),
+        "hyperparameters.num_res_blocks: value 0 is not usable",
+    ),
+    (
+        variant(hyperparameters__sampling_eps={"type": "loguniform", "low": 1e-5, "high": 2.0}),
+        "hyperparameters.sampling_eps: value 2.0 is not usable",
+    ),
     (variant(hyperparameters={}), "hyperparameters: must be a non-empty mapping"),
     (variant(hyperparameters__lr=0.001), "hyperparameters.lr: must be a mapping"),
     (variant(fixed__train__lrate=0.1), "fixed.train.lrate: unknown key"),
@@ -96,7 +132,10 @@ BAD = [
     (variant(search__grace_period=5), "search.grace_period: must be >= fixed.train.val_every"),
     (variant(search__grace_period=500), "search.grace_period: must be <= fixed.train.steps"),
     (variant(search__points_to_evaluate=[{"lr": 1.0}]), "search.points_to_evaluate[0].lr: must be a number in"),
-    (variant(search__points_to_evaluate=[{"ch_mult": [1, 1, 1]}]), "search.points_to_evaluate[0].ch_mult: [1, 1, 1] is not one of"),
+    (
+        variant(search__points_to_evaluate=[{"ch_mult": [1, 1, 1]}]),
+        "search.points_to_evaluate[0].ch_mult: [1, 1, 1] is not one of",
+    ),
     (variant(resources__gpus_per_trial=2), "resources.gpus_per_trial: must be in [0, 1]"),
     (variant(resources__cpus_per_trial=0), "resources.cpus_per_trial: must be > 0"),
     (variant(name="a/b"), "name: must be a non-empty word"),
@@ -153,32 +192,85 @@ def test_dotted_hyperparameters_and_randint(tmp_path):
     assert space.to_ray()["train.warmup_steps"].upper == 51  # Ray's randint excludes its upper bound
 
 
+def test_each_kind_answers_the_questions_callers_ask(tmp_path):
+    raw = variant()
+    raw["hyperparameters"]["model.dropout"] = {"type": "uniform", "low": 0.0, "high": 0.3}
+    raw["hyperparameters"]["train.warmup_steps"] = {"type": "randint", "low": 0, "high": 50}
+    by = {hp.name: hp for hp in load_space(write(tmp_path, raw)).hyperparameters}
+    lr, ch, dropout, warmup = by["lr"], by["ch_mult"], by["model.dropout"], by["train.warmup_steps"]
+    assert lr.log_scale and not lr.is_choice and ch.is_choice and not dropout.log_scale and not warmup.is_choice
+    assert lr.middle() == pytest.approx(1e-5**0.5 * 1e-2**0.5) and dropout.middle() == pytest.approx(0.15)
+    assert warmup.middle() == 25 and ch.middle() == "1,2,4"  # the searcher's label of the middle choice
+    assert ch.probes() == [[1, 2, 2], [1, 2, 4], [1, 2, 8]] and lr.probes() == [1e-5, 1e-2]
+    assert warmup.probes() == [0, 50] and all(type(v) is int for v in warmup.probes())
+    assert ch.contains([1, 2, 4]) and not ch.contains([1, 1, 1])
+    assert lr.contains(1e-3) and not lr.contains(1.0) and not lr.contains(True) and not lr.contains("0.001")
+    assert lr.describe() == "loguniform [1e-05, 0.01]" and ch.describe() == "choice [[1, 2, 2], [1, 2, 4], [1, 2, 8]]"
+
+
+def test_points_to_evaluate_fill_in_the_hyperparameters_they_do_not_name(tmp_path):
+    raw = variant(search__points_to_evaluate=[{"lr": 1e-3}])
+    raw["hyperparameters"]["num_res_blocks"] = {"type": "choice", "values": [1, 3]}  # fixed 2 is not a choice
+    raw["hyperparameters"]["model.dropout"] = {"type": "uniform", "low": 0.2, "high": 0.3}  # fixed 0.1 is outside
+    raw["hyperparameters"]["train.warmup_steps"] = {"type": "randint", "low": 10, "high": 51}  # fixed 0 is outside
+    (point,) = load_space(write(tmp_path, raw)).points_to_evaluate
+    assert point == {
+        "lr": 1e-3,
+        "batch_size": 128,
+        "num_res_blocks": 1,
+        "ch_mult": "1,2,2",
+        "sampling_eps": 1e-3,
+        "model.dropout": pytest.approx(0.25),
+        "train.warmup_steps": 30,
+    }
+
+
 def test_space_hash_tracks_the_file(tmp_path):
     a = load_space(write(tmp_path, GOOD))
     b = load_space(write(tmp_path, variant(search__seed=3)))
     assert len(a.sha256) == 64 and a.sha256 != b.sha256
 
 
+@pytest.mark.slow
 def test_tune_cli_rejects_a_bad_space_with_one_line_and_exit_2(tmp_path):
     bad = write(tmp_path, variant(hyperparameters__lr={"type": "loguniform", "low": 0, "high": 1}))
     storage = tmp_path / "runs"
-    out = subprocess.run([sys.executable, str(ROOT / "tune.py"), "--space", str(bad), "--storage", str(storage)],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tune.py"), "--space", str(bad), "--storage", str(storage)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "hyperparameters.lr.low" in out.stderr
     assert "Traceback" not in out.stderr and not storage.exists()  # nothing started, nothing written
 
 
+@pytest.mark.slow
 def test_tune_cli_rejects_mnist_without_root_before_starting(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "tune.py"), "--space", str(ROOT / "search_spaces" / "tiny.yaml"),
-                          "--data", "mnist", "--storage", str(tmp_path / "runs")],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tune.py"),
+            "--space",
+            str(ROOT / "search_spaces" / "tiny.yaml"),
+            "--data",
+            "mnist",
+            "--storage",
+            str(tmp_path / "runs"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert out.returncode == 2 and "data.root" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "runs").exists()
 
 
 def test_the_readme_example_space_is_a_valid_space(tmp_path):
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "configuration.md").read_text()  # the README's reference pages
     section = readme.split("### Search spaces", 1)[1]
     example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
     space = load_space(write(tmp_path, example))

@@ -63,8 +63,9 @@ def test_tiny_experiment_with_a_failing_trial(tmp_path):
     # One hyperparameter value that raises inside the trial on any machine with fewer than 8 GPUs; the
     # first point forces it, so the experiment must record an errored trial and still finish.
     raw["hyperparameters"]["train.device"] = {"type": "choice", "values": ["cpu", "cuda:7"]}
-    raw["search"].update(num_samples=4, points_to_evaluate=[{"train.device": "cuda:7"}, {"train.device": "cpu"}],
-                         max_failures=1)
+    raw["search"].update(
+        num_samples=4, points_to_evaluate=[{"train.device": "cuda:7"}, {"train.device": "cpu"}], max_failures=1
+    )
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump(raw))
 
@@ -110,14 +111,19 @@ def test_tiny_experiment_with_a_failing_trial(tmp_path):
             assert run.info.status == "FAILED" and "CUDA" in run.data.tags.get("reason", "")
         else:
             history = client.get_metric_history(run.info.run_id, "val_bpd")
-            assert [m.step for m in history] == list(range(10, int(table[table.trial_id == trial_id].steps.iloc[0]) + 1, 10))
+            assert [m.step for m in history] == list(
+                range(10, int(table[table.trial_id == trial_id].steps.iloc[0]) + 1, 10)
+            )
 
     # The searcher's study saw each trial at the fidelity it reached: stopped trials are pruned at their
     # last rung with every rung as an intermediate value, not completed with an early value.
     study = study_trials(experiment)
     assert set(study) == set(table.trial_id)
-    expected_state = {"completed": optuna.trial.TrialState.COMPLETE, "stopped early": optuna.trial.TrialState.PRUNED,
-                      "errored": optuna.trial.TrialState.FAIL}
+    expected_state = {
+        "completed": optuna.trial.TrialState.COMPLETE,
+        "stopped early": optuna.trial.TrialState.PRUNED,
+        "errored": optuna.trial.TrialState.FAIL,
+    }
     for row in table.itertuples():
         trial = study[row.trial_id]
         assert trial.state == expected_state[row.status], row.trial_id

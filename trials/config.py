@@ -13,9 +13,10 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from trials.cli import UserError
 from trials.datasets import DATASETS, Dataset
@@ -26,7 +27,24 @@ from trials.datasets import DATASETS, Dataset
 FRAMES = ("logsnr", "t")
 SDE_KINDS = ("vp", "subvp")  # trials.sde.SDES: variance preserving, sub-VP
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "adaptive_heun", "fehlberg2")
-FIXED_STEP_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4")
+# Fixed-step torchdiffeq methods and their score evaluations per step: a fixed grid's NFE is known in advance.
+FIXED_STEP_STAGES = {"euler": 1, "midpoint": 2, "heun2": 2, "heun3": 3, "rk4": 4}
+FIXED_STEP_METHODS = tuple(FIXED_STEP_STAGES)
+# Exponential multistep methods of the logsnr frame (trials.likelihood.MULTISTEP_METHODS, whose keys a test keeps
+# equal to these): the linear part of the ODE exactly, the network's part from one evaluation per step, reused
+# by the next steps and by the divergence; `steps` steps on a fixed grid in lambda, steps + 1 evaluations.
+MULTISTEP_METHODS = ("multistep",)
+# The image samplers by name: trials.sampling.IMAGE_SAMPLERS, whose keys a test keeps equal to these. Here, and
+# not read from that table, so that a config is checked without importing torch.
+IMAGE_SAMPLER_NAMES = ("pc", "ode")
+BOTH_SAMPLERS = "both"  # sample.sampler: every sampler of the table
+# How often a full run scores val bits/dim unless train.score_every says: at the multiple of val_every where the
+# scoring's estimated compute is SCORE_SHARE of the training's. The estimate: one fast score costs SCORE_COST
+# training images per scored image and NFE (the divergence's vector-Jacobian product makes an NFE dearer than a
+# forward pass; measured 1.8-3.9 in fp32 on a 2-core CPU, docs/configuration.md, "Full run"), an adaptive solver ADAPTIVE_NFE.
+SCORE_SHARE = 0.05
+SCORE_COST = 4.0
+ADAPTIVE_NFE = 100
 
 
 class ConfigError(UserError, ValueError):
@@ -47,10 +65,12 @@ class DataConfig:
     split_seed: int = 0  # the train/validation split; fixed so every trial sees the same split
 
     def check(self, path: str) -> None:
-        _require(self.name in DATASETS, f"{path}.name",
-                 f"must be one of {', '.join(DATASETS)}, got {self.name!r}")
-        _require(not DATASETS[self.name].needs_root or bool(self.root), f"{path}.root",
-                 f"is required for data '{self.name}' (a folder holding MNIST/raw, or give download: true)")
+        _require(self.name in DATASETS, f"{path}.name", f"must be one of {', '.join(DATASETS)}, got {self.name!r}")
+        _require(
+            not DATASETS[self.name].needs_root or bool(self.root),
+            f"{path}.root",
+            f"is required for data '{self.name}' (a folder holding MNIST/raw, or give download: true)",
+        )
 
 
 @dataclass(frozen=True)
@@ -68,8 +88,9 @@ class ModelConfig:
     def check(self, path: str) -> None:
         _require(self.ch >= 1, f"{path}.ch", f"must be >= 1, got {self.ch}")
         _require(len(self.ch_mult) >= 1, f"{path}.ch_mult", "must not be empty")
-        _require(all(m >= 1 for m in self.ch_mult), f"{path}.ch_mult",
-                 f"entries must be >= 1, got {list(self.ch_mult)}")
+        _require(
+            all(m >= 1 for m in self.ch_mult), f"{path}.ch_mult", f"entries must be >= 1, got {list(self.ch_mult)}"
+        )
         _require(self.num_res_blocks >= 1, f"{path}.num_res_blocks", f"must be >= 1, got {self.num_res_blocks}")
         _require(0.0 <= self.dropout < 1.0, f"{path}.dropout", f"must be in [0, 1), got {self.dropout}")
 
@@ -80,12 +101,18 @@ class ModelConfig:
         sizes = [image_size]
         while sizes[-1] % 2 == 0:
             sizes.append(sizes[-1] // 2)
-        _require(len(self.ch_mult) <= len(sizes), f"{path}.ch_mult",
-                 f"at most {len(sizes)} levels fit a {image_size}x{image_size} image "
-                 f"({' -> '.join(map(str, sizes))}), got {len(self.ch_mult)}")
+        _require(
+            len(self.ch_mult) <= len(sizes),
+            f"{path}.ch_mult",
+            f"at most {len(sizes)} levels fit a {image_size}x{image_size} image "
+            f"({' -> '.join(map(str, sizes))}), got {len(self.ch_mult)}",
+        )
         bad = [r for r in self.attn_resolutions if r not in self.resolutions(image_size)]
-        _require(not bad, f"{path}.attn_resolutions",
-                 f"{bad} not among the UNet's resolutions {self.resolutions(image_size)}")
+        _require(
+            not bad,
+            f"{path}.attn_resolutions",
+            f"{bad} not among the UNet's resolutions {self.resolutions(image_size)}",
+        )
 
 
 @dataclass(frozen=True)
@@ -99,11 +126,17 @@ class SDEConfig:
     def check(self, path: str) -> None:
         _require(self.kind in SDE_KINDS, f"{path}.kind", f"must be one of {', '.join(SDE_KINDS)}, got {self.kind!r}")
         _require(self.beta_min > 0, f"{path}.beta_min", f"must be > 0, got {self.beta_min}")
-        _require(self.beta_max > self.beta_min, f"{path}.beta_max",
-                 f"must be > beta_min ({self.beta_min}), got {self.beta_max}")
+        _require(
+            self.beta_max > self.beta_min,
+            f"{path}.beta_max",
+            f"must be > beta_min ({self.beta_min}), got {self.beta_max}",
+        )
         _require(self.T > 0, f"{path}.T", f"must be > 0, got {self.T}")
-        _require(0 < self.sampling_eps < self.T, f"{path}.sampling_eps",
-                 f"must be in (0, T={self.T}), got {self.sampling_eps}")
+        _require(
+            0 < self.sampling_eps < self.T,
+            f"{path}.sampling_eps",
+            f"must be in (0, T={self.T}), got {self.sampling_eps}",
+        )
 
 
 @dataclass(frozen=True)
@@ -118,6 +151,11 @@ class TrainConfig:
     dequantize: bool = True  # uniform dequantization of the 8-bit pixels
     seed: int = 0
     val_every: int = 200  # steps between validation DSM evaluations (and, in tuning, rung reports)
+    # Full run only (train.py): steps between scores of val bits/dim at fast fidelity with the tuning experiment's
+    # evaluator (its images and probes), also scored at the tuning trial's last step and at the end. A trial
+    # scores at every val_every (its rungs); a full run that did would spend 10-35% of its time scoring on a
+    # CPU. None: TrialConfig.score_interval picks a multiple of val_every that keeps scoring near SCORE_SHARE.
+    score_every: int | None = None
     val_images: int = 256  # fixed validation images for the DSM loss
     log_every: int = 50
     num_threads: int = 0  # CPU threads for torch; 0 leaves torch's default
@@ -135,13 +173,24 @@ class TrainConfig:
         _require(self.warmup_steps >= 0, f"{path}.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _require(0 <= self.ema_decay < 1, f"{path}.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         _require(self.val_every >= 1, f"{path}.val_every", f"must be >= 1, got {self.val_every}")
+        _require(
+            self.score_every is None or self.score_every >= 1,
+            f"{path}.score_every",
+            f"must be >= 1 (or null to keep scoring near {SCORE_SHARE:.0%} of the run), got {self.score_every}",
+        )
         _require(self.val_images >= 1, f"{path}.val_images", f"must be >= 1, got {self.val_images}")
         _require(self.log_every >= 1, f"{path}.log_every", f"must be >= 1, got {self.log_every}")
         _require(self.num_threads >= 0, f"{path}.num_threads", f"must be >= 0, got {self.num_threads}")
-        _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-                 f"{path}.device", f"must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
-        _require(self.precision in ("fp32", "bf16", "auto"), f"{path}.precision",
-                 f"must be 'fp32', 'bf16' or 'auto', got {self.precision!r}")
+        _require(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            f"{path}.device",
+            f"must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}",
+        )
+        _require(
+            self.precision in ("fp32", "bf16", "auto"),
+            f"{path}.precision",
+            f"must be 'fp32', 'bf16' or 'auto', got {self.precision!r}",
+        )
 
 
 @dataclass(frozen=True)
@@ -153,29 +202,54 @@ class FidelityConfig:
     atol: float = 1e-3  # adaptive methods only
     method: str = "dopri5"  # an adaptive torchdiffeq method, or a fixed-step one with `steps`
     frame: str = "logsnr"  # "logsnr" (straight trajectories, fewer NFE) or "t" (the SDE's time, the old way)
-    steps: int = 0  # fixed-step methods only: equal steps in lambda from eps to T (NFE = steps x stages)
+    steps: int = (
+        0  # fixed-step methods: equal steps in lambda from eps to T (NFE = steps x stages); multistep: steps + 1
+    )
 
     def check(self, path: str) -> None:
         _require(self.n_images >= 1, f"{path}.n_images", f"must be >= 1, got {self.n_images}")
         _require(self.rtol > 0, f"{path}.rtol", f"must be > 0, got {self.rtol}")
         _require(self.atol > 0, f"{path}.atol", f"must be > 0, got {self.atol}")
         _require(self.frame in FRAMES, f"{path}.frame", f"must be one of {', '.join(FRAMES)}, got {self.frame!r}")
-        _require(self.method in ADAPTIVE_METHODS + FIXED_STEP_METHODS, f"{path}.method",
-                 f"must be an adaptive torchdiffeq method ({', '.join(ADAPTIVE_METHODS)}) or a fixed-step one "
-                 f"({', '.join(FIXED_STEP_METHODS)}), got {self.method!r}")
-        if self.method in FIXED_STEP_METHODS:
-            _require(self.steps >= 1, f"{path}.steps", f"must be >= 1 for the fixed-step method {self.method!r}, "
-                                                       f"got {self.steps}")
-            # Equal steps in t put as much effort at t = 0.9 as at t = 1e-5, where frame t is stiff.
-            _require(self.frame == "logsnr", f"{path}.frame",
-                     f"fixed-step method {self.method!r} needs frame 'logsnr', got {self.frame!r}")
+        _require(
+            self.method in ADAPTIVE_METHODS + FIXED_STEP_METHODS + MULTISTEP_METHODS,
+            f"{path}.method",
+            f"must be an adaptive torchdiffeq method ({', '.join(ADAPTIVE_METHODS)}), a fixed-step one "
+            f"({', '.join(FIXED_STEP_METHODS)}) or a multistep one ({', '.join(MULTISTEP_METHODS)}), "
+            f"got {self.method!r}",
+        )
+        if self.method in FIXED_STEP_METHODS + MULTISTEP_METHODS:
+            kind = "fixed-step" if self.method in FIXED_STEP_METHODS else "multistep"
+            _require(
+                self.steps >= 1,
+                f"{path}.steps",
+                f"must be >= 1 for the {kind} method {self.method!r}, got {self.steps}",
+            )
+            # Equal steps in t put as much effort at t = 0.9 as at t = 1e-5, where frame t is stiff; the multistep
+            # methods solve the logsnr frame's linear part exactly, which frame t does not have.
+            _require(
+                self.frame == "logsnr",
+                f"{path}.frame",
+                f"{kind} method {self.method!r} needs frame 'logsnr', got {self.frame!r}",
+            )
         else:
-            _require(self.steps == 0, f"{path}.steps",
-                     f"applies to fixed-step methods only ({self.method!r} chooses its own steps), got {self.steps}")
+            _require(
+                self.steps == 0,
+                f"{path}.steps",
+                f"applies to fixed-step and multistep methods only ({self.method!r} chooses its own steps), "
+                f"got {self.steps}",
+            )
+
+    @property
+    def nfe(self) -> int | None:
+        """Score evaluations per image batch of a fixed-step solve; None for an adaptive one (the model decides)."""
+        if self.method in MULTISTEP_METHODS:
+            return self.steps + 1
+        return self.steps * FIXED_STEP_STAGES[self.method] if self.method in FIXED_STEP_STAGES else None
 
     def describe(self) -> str:
         """The solver in a few words, for logs: 'logsnr dopri5 rtol 1e-05 atol 1e-05' or 'logsnr midpoint 12 steps'."""
-        if self.method in FIXED_STEP_METHODS:
+        if self.method in FIXED_STEP_METHODS + MULTISTEP_METHODS:
             return f"{self.frame} {self.method} {self.steps} steps"
         return f"{self.frame} {self.method} rtol {self.rtol:g} atol {self.atol:g}"
 
@@ -188,18 +262,24 @@ class EvalConfig:
     seed: int = 0  # fixes the validation subset, the dequantization noise and the probes
     batch_size: int = 128  # images per ODE solve
     # rk4 on equal steps in lambda (the logsnr frame): 7 steps (28 NFE) rank checkpoints as the accurate
-    # setting does; 32 steps (128 NFE) are within 0.005 bits/dim of a 1e-7 solve (bench/likelihood.py, README).
+    # setting does; 32 steps (128 NFE) are within 0.005 bits/dim of a 1e-7 solve (bench/likelihood.py, docs/benchmarks.md).
     fast: FidelityConfig = field(default_factory=lambda: FidelityConfig(n_images=64, method="rk4", steps=7))
     accurate: FidelityConfig = field(default_factory=lambda: FidelityConfig(n_images=500, method="rk4", steps=32))
 
     def check(self, path: str) -> None:
-        _require(self.estimator in ("rademacher", "gaussian", "exact"), f"{path}.estimator",
-                 f"must be 'rademacher', 'gaussian' or 'exact', got {self.estimator!r}")
+        _require(
+            self.estimator in ("rademacher", "gaussian", "exact"),
+            f"{path}.estimator",
+            f"must be 'rademacher', 'gaussian' or 'exact', got {self.estimator!r}",
+        )
         _require(self.batch_size >= 1, f"{path}.batch_size", f"must be >= 1, got {self.batch_size}")
         self.fast.check(f"{path}.fast")
         self.accurate.check(f"{path}.accurate")
-        _require(self.fast.n_images <= self.accurate.n_images, f"{path}.fast.n_images",
-                 f"must be <= accurate.n_images ({self.accurate.n_images}): fast scores a prefix of the accurate subset")
+        _require(
+            self.fast.n_images <= self.accurate.n_images,
+            f"{path}.fast.n_images",
+            f"must be <= accurate.n_images ({self.accurate.n_images}): fast scores a prefix of the accurate subset",
+        )
 
 
 @dataclass(frozen=True)
@@ -215,18 +295,42 @@ class SampleConfig:
     ode_method: str = "dopri5"  # an adaptive torchdiffeq method
     ode_frame: str = "logsnr"  # the probability-flow ODE's frame, as in eval (FidelityConfig.frame)
     seed: int = 0
+    # Grids drawn while a full run trains (as the seed's training script offers): every `every` steps (None:
+    # only at the end), `every_images` images from `sampler` (a name of IMAGE_SAMPLER_NAMES, or "both").
+    # The default sampler is the ODE: its few dozen score evaluations cost a fraction of PC's pc_steps x 2.
+    every: int | None = None
+    sampler: str = "ode"
+    every_images: int = 16
+
+    def samplers(self) -> tuple[str, ...]:
+        """The samplers that draw the grids during training."""
+        return IMAGE_SAMPLER_NAMES if self.sampler == BOTH_SAMPLERS else (self.sampler,)
 
     def check(self, path: str) -> None:
         _require(self.n_images >= 1, f"{path}.n_images", f"must be >= 1, got {self.n_images}")
         _require(self.pc_steps >= 1, f"{path}.pc_steps", f"must be >= 1, got {self.pc_steps}")
         _require(self.corrector_steps >= 0, f"{path}.corrector_steps", f"must be >= 0, got {self.corrector_steps}")
         _require(self.snr > 0, f"{path}.snr", f"must be > 0, got {self.snr}")
-        _require(self.ode_rtol > 0 and self.ode_atol > 0, f"{path}.ode_rtol",
-                 "ode_rtol and ode_atol must be > 0")
-        _require(self.ode_method in ADAPTIVE_METHODS, f"{path}.ode_method",
-                 f"must be an adaptive torchdiffeq method ({', '.join(ADAPTIVE_METHODS)}), got {self.ode_method!r}")
-        _require(self.ode_frame in FRAMES, f"{path}.ode_frame",
-                 f"must be one of {', '.join(FRAMES)}, got {self.ode_frame!r}")
+        _require(self.ode_rtol > 0 and self.ode_atol > 0, f"{path}.ode_rtol", "ode_rtol and ode_atol must be > 0")
+        _require(
+            self.ode_method in ADAPTIVE_METHODS,
+            f"{path}.ode_method",
+            f"must be an adaptive torchdiffeq method ({', '.join(ADAPTIVE_METHODS)}), got {self.ode_method!r}",
+        )
+        _require(
+            self.ode_frame in FRAMES, f"{path}.ode_frame", f"must be one of {', '.join(FRAMES)}, got {self.ode_frame!r}"
+        )
+        _require(
+            self.every is None or self.every >= 1,
+            f"{path}.every",
+            f"must be >= 1 (steps between grids during training; null for none), got {self.every}",
+        )
+        _require(
+            self.sampler in (*IMAGE_SAMPLER_NAMES, BOTH_SAMPLERS),
+            f"{path}.sampler",
+            f"must be one of {', '.join((*IMAGE_SAMPLER_NAMES, BOTH_SAMPLERS))}, got {self.sampler!r}",
+        )
+        _require(self.every_images >= 1, f"{path}.every_images", f"must be >= 1, got {self.every_images}")
 
 
 @dataclass(frozen=True)
@@ -244,13 +348,24 @@ class TrialConfig:
         self.model.check_fits(f"{path}model", self.dataset.image_size)
 
     @property
+    def score_interval(self) -> int:
+        """Steps between a full run's val bits/dim scores: train.score_every, else the smallest multiple of
+        train.val_every at which the estimated cost of a fast score is at most SCORE_SHARE of the training between
+        two scores (cpu.yaml's batch 128: every 280 steps; batch 32: every 1,120)."""
+        train, fast = self.train, self.eval.fast
+        if train.score_every:
+            return train.score_every
+        steps = SCORE_COST * fast.n_images * (fast.nfe or ADAPTIVE_NFE) / (train.batch_size * SCORE_SHARE)
+        return max(1, math.ceil(steps / train.val_every)) * train.val_every
+
+    @property
     def dataset(self) -> Dataset:
         """The row of trials.datasets.DATASETS that `data.name` names."""
         return DATASETS[self.data.name]
 
     # ---- plain-dict round trip ------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any] | None) -> "TrialConfig":
+    def from_dict(cls, raw: Mapping[str, Any] | None) -> TrialConfig:
         """Build and validate a config; missing keys take their defaults, unknown ones are errors."""
         cfg = build_dataclass(cls, raw or {}, "")
         cfg.check()

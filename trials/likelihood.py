@@ -19,7 +19,12 @@ integrates to D [log alpha(T) - log alpha(eps)] in closed form, leaving only sig
 estimate (derivation in trials.sde). "t" integrates it as written above, in the SDE's time, where the drift is stiff
 near eps: the old way, kept so that older scores can be reproduced. Both compute the same density, so a
 score from either frame is comparable up to solver error; the logsnr frame reaches a given error with a
-fraction of the function evaluations (bench/likelihood.py, README).
+fraction of the function evaluations (bench/likelihood.py, docs/benchmarks.md).
+
+In the logsnr frame the solver may also be a multistep one (`MULTISTEP_METHODS`, trials.odesolve): the
+linear part is integrated exactly and the network's part from one evaluation per grid node, each reused by
+the next steps; the divergence estimates at the same nodes are integrated by a quadrature, so a solve of
+`steps` steps costs steps + 1 evaluations in all (bench/fidelity_bias.py measures it against rk4).
 
 `LikelihoodEvaluator` is the shared yardstick of a tuning run. It is built once by the driver and holds a
 fixed validation subset, fixed dequantization noise and fixed probes (common random numbers), so two trials'
@@ -36,16 +41,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
+import numpy as np
 import torch
 
-from trials.config import ConfigError, EvalConfig, FidelityConfig
+from trials.config import ADAPTIVE_METHODS, FIXED_STEP_METHODS, ConfigError, EvalConfig, FidelityConfig
 from trials.data import to_model_space
-from trials.odesolve import ODEFailure, solve
+from trials.odesolve import ODEFailure, exponential_multistep, quadrature_weights, solve
 from trials.sde import SDE, FlowFrame, ScoreFn
-
 
 # The uniform density on the data range scores exactly this many bits/dim in either scaling; a model
 # that does worse than that has learned nothing (or diverged).
@@ -55,6 +61,16 @@ UNIFORM_BPD = 8.0
 # tolerance; a model that makes the ODE stiff would otherwise keep a trial busy for hours, shrinking its
 # step size without ever failing.
 DEFAULT_MAX_NFE = 5000
+
+# The multistep methods of FidelityConfig.method (trials.config.MULTISTEP_METHODS) and their settings of
+# `_multistep_solve`. "multistep": the order-3 exponential Adams-Bashforth step with its Adams-Moulton
+# corrector (fourth order), noise prediction, equal steps in lambda, a 4-point divergence quadrature. On
+# trained cpu.yaml models it reads within a few thousandths of a bit/dim of a tight solve at 28 evaluations,
+# where rk4 x 7 reads 0.1-0.25 low (bench/fidelity_bias.py, docs/metric.md); the variants measured there
+# (order 2 and 4, no corrector, data prediction, warped grids, other quadratures) did no better.
+MULTISTEP_METHODS: dict[str, dict[str, Any]] = {
+    "multistep": {"order": 3, "corrector": True},
+}
 
 # |x| beyond which a non-finite score is blamed on the ODE state rather than on the model.
 STATE_BLOWUP = 1e6
@@ -105,18 +121,26 @@ class _AugmentedDynamics:
         self.nfe = 0
 
     def __call__(self, tau: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
+        velocity, _, div = self.evaluate(tau, state[0])
+        return velocity, div
+
+    def evaluate(self, tau: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(velocity, its part whose divergence is estimated, that divergence) at clock tau, detached."""
         if self.max_nfe is not None and self.nfe >= self.max_nfe:
-            raise ODEFailure(f"ODE needed more than {self.max_nfe} function evaluations (stiff or diverged "
-                             f"model), stopped at t={self.frame.time(tau).item():.4g}", self.nfe)
+            raise ODEFailure(
+                f"ODE needed more than {self.max_nfe} function evaluations (stiff or diverged "
+                f"model), stopped at t={self.frame.time(tau).item():.4g}",
+                self.nfe,
+            )
         self.nfe += 1
         with torch.enable_grad():
-            x = state[0].detach().requires_grad_(True)
+            x = x.detach().requires_grad_(True)
             velocity, part, score = self.frame.velocity(self.score, x, tau)
             div = self._divergence(part, x)
         # One host sync per evaluation; the solver makes one per step anyway to accept or reject it.
         if not bool(torch.isfinite(score).all() & torch.isfinite(div).all()):
             raise ODEFailure(f"{self._diagnose(x, score)} at t={self.frame.time(tau).item():.4g}", self.nfe)
-        return velocity.detach(), div.detach()
+        return velocity.detach(), part.detach(), div.detach()
 
     @staticmethod
     def _diagnose(x: torch.Tensor, score: torch.Tensor) -> str:
@@ -148,10 +172,20 @@ class _AugmentedDynamics:
         return trace
 
 
-def log_likelihood(score: ScoreFn, sde: SDE, x: torch.Tensor, eps: float, *,
-                   probes: torch.Tensor | None = None, rtol: float = 1e-5, atol: float = 1e-5,
-                   method: str = "dopri5", frame: str = "logsnr", steps: int = 0,
-                   max_nfe: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+def log_likelihood(
+    score: ScoreFn,
+    sde: SDE,
+    x: torch.Tensor,
+    eps: float,
+    *,
+    probes: torch.Tensor | None = None,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    method: str = "dopri5",
+    frame: str = "logsnr",
+    steps: int = 0,
+    max_nfe: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Log-density at x of the model defined by the probability-flow ODE, with its latent and the NFE.
 
     Precisely: the density at time eps of the distribution obtained by taking N(0, I) at time T and
@@ -166,8 +200,9 @@ def log_likelihood(score: ScoreFn, sde: SDE, x: torch.Tensor, eps: float, *,
     part's D [log alpha(T) - log alpha(eps)] in closed form so that only the network's divergence is
     estimated (trials.sde); "t" integrates it as written above. Both give the same number up to solver
     error; logsnr needs far fewer evaluations.
-    `method` is an adaptive torchdiffeq method (rtol/atol) or a fixed-step one (`steps` equal steps in the
-    frame's clock; see trials.odesolve).
+    `method` is an adaptive torchdiffeq method (rtol/atol), a fixed-step one (`steps` equal steps in the
+    frame's clock; see trials.odesolve) or a multistep one of MULTISTEP_METHODS (frame logsnr, `steps`
+    steps, steps + 1 evaluations; see `_multistep_solve`).
 
     `score(x, t)` is any callable with t of shape (B,); put a network in eval mode first (dropout would
     make the ODE random). `probes` (same shape as x, fixed over the solve) select the Hutchinson estimate
@@ -181,21 +216,85 @@ def log_likelihood(score: ScoreFn, sde: SDE, x: torch.Tensor, eps: float, *,
         raise ValueError(f"probes have shape {tuple(probes.shape)}, expected the shape of x {tuple(x.shape)}")
     if not 0 < eps < sde.T:
         raise ValueError(f"eps must be in (0, T={sde.T}), got {eps}")
+    if method not in MULTISTEP_METHODS and method not in ADAPTIVE_METHODS + FIXED_STEP_METHODS:
+        raise ValueError(
+            f"method must be one of {', '.join(ADAPTIVE_METHODS + FIXED_STEP_METHODS)} or "
+            f"{', '.join(MULTISTEP_METHODS)}, got {method!r}"
+        )
     flow = FlowFrame(sde, frame)
     dynamics = _AugmentedDynamics(score, flow, None if probes is None else probes.to(x), max_nfe)
     tau0, tau1 = flow.clock(eps), flow.clock(sde.T)
     # The state is a tuple, so torchdiffeq's error norm is the larger of the RMS errors of the state and of
     # delta_logp: the log-density gets a tolerance of its own instead of being one entry in D + 1 of a flat
     # state, as in score_sde's scipy solve. On a trained MNIST model at rtol = atol = 1e-3 that costs ~25%
-    # more evaluations for a 6x smaller bits/dim error (bench/likelihood.py, README).
-    state0 = (x.detach(), torch.zeros(x.shape[0], dtype=x.dtype, device=x.device))
+    # more evaluations for a 6x smaller bits/dim error (bench/likelihood.py, docs/benchmarks.md).
     with torch.no_grad():
-        z, delta_logp = solve(dynamics, state0, tau0, tau1, method=method, rtol=rtol, atol=atol, steps=steps)
+        if method in MULTISTEP_METHODS:
+            z, delta_logp = _multistep_solve(dynamics, flow, x.detach(), tau0, tau1, steps, **MULTISTEP_METHODS[method])
+        else:
+            state0 = (x.detach(), torch.zeros(x.shape[0], dtype=x.dtype, device=x.device))
+            z, delta_logp = solve(dynamics, state0, tau0, tau1, method=method, rtol=rtol, atol=atol, steps=steps)
     logp = sde.prior_logp(z) + delta_logp + flow.closed_form_divergence(tau0, tau1, x[0].numel())
     if not torch.isfinite(logp).all():
-        raise ODEFailure(f"non-finite log-likelihood after the ODE ({dynamics.nfe} evaluations): the state blew up",
-                         dynamics.nfe)
+        raise ODEFailure(
+            f"non-finite log-likelihood after the ODE ({dynamics.nfe} evaluations): the state blew up", dynamics.nfe
+        )
     return logp, z, dynamics.nfe
+
+
+def multistep_grid(tau0: float, tau1: float, steps: int, warp: float = 0.0) -> np.ndarray:
+    """The nodes of a multistep solve in lambda: `steps` equal steps when warp = 0; otherwise equal steps in
+    u with lambda = tau0 + (tau1 - tau0) (e^(warp u) - 1) / (e^warp - 1), u in [0, 1]: a step grows by
+    the factor e^(warp / steps) from one to the next, so warp > 0 puts the short steps at the data end."""
+    u = np.linspace(0.0, 1.0, steps + 1)
+    if warp != 0.0:
+        u = np.expm1(warp * u) / math.expm1(warp)
+    grid = tau0 + (tau1 - tau0) * u
+    grid[-1] = tau1
+    return grid
+
+
+def _multistep_solve(
+    dynamics: _AugmentedDynamics,
+    flow: FlowFrame,
+    x: torch.Tensor,
+    tau0: float,
+    tau1: float,
+    steps: int,
+    *,
+    order: int,
+    prediction: str = "noise",
+    corrector: bool = True,
+    quadrature: int = 4,
+    warp: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, integral of the estimated divergence) by trials.odesolve.exponential_multistep on `steps` steps.
+
+    steps + 1 evaluations, at the nodes 0..steps: each gives the network's output for the state update and
+    the divergence there; the divergence integral is a quadrature of `quadrature` points per interval over
+    those nodes (it does not feed back into the state, so the rule may look ahead).
+    """
+    if flow.name != "logsnr":
+        raise ValueError(f"multistep methods integrate the logsnr frame, got frame {flow.name!r}")
+    if steps < 1:
+        raise ValueError(f"multistep methods need steps >= 1, got {steps}")
+    grid = multistep_grid(tau0, tau1, steps, warp)
+    alpha, sigma = flow.sde.scale_and_std_at(torch.tensor(grid, dtype=torch.float64))
+    log_alpha, log_sigma = torch.log(alpha).numpy(), torch.log(sigma).numpy()
+    lam = torch.tensor(grid, dtype=torch.float64, device=x.device)
+    weights = quadrature_weights(grid, quadrature)
+    delta_logp = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+
+    def network(i: int, state: torch.Tensor) -> torch.Tensor:
+        nonlocal delta_logp
+        _, part, div = dynamics.evaluate(lam[i], state)
+        delta_logp = delta_logp + float(weights[i]) * div.double()
+        return part / math.exp(log_sigma[i])  # eps_theta: the network's part is sigma eps_theta
+
+    z = exponential_multistep(
+        network, x, grid, log_alpha, log_sigma, order=order, prediction=prediction, corrector=corrector
+    )
+    return z, delta_logp.to(x.dtype)
 
 
 # ---- the shared evaluator -------------------------------------------------------------------------------
@@ -233,8 +332,15 @@ class LikelihoodEvaluator:
     the accurate subset, with the same noise and probes.
     """
 
-    def __init__(self, x: torch.Tensor, probes: torch.Tensor | None, indices: torch.Tensor, cfg: EvalConfig,
-                 centered: bool, max_nfe: int | None = DEFAULT_MAX_NFE):
+    def __init__(
+        self,
+        x: torch.Tensor,
+        probes: torch.Tensor | None,
+        indices: torch.Tensor,
+        cfg: EvalConfig,
+        centered: bool,
+        max_nfe: int | None = DEFAULT_MAX_NFE,
+    ):
         self.x = x  # (N, C, H, W) dequantized validation images in model space
         self.probes = probes  # same shape, or None for the exact trace
         self.indices = indices  # which validation images, in order
@@ -243,12 +349,15 @@ class LikelihoodEvaluator:
         self.max_nfe = max_nfe
 
     @classmethod
-    def build(cls, val_images_uint8: torch.Tensor, cfg: EvalConfig, centered: bool, *,
-              max_nfe: int | None = DEFAULT_MAX_NFE) -> "LikelihoodEvaluator":
+    def build(
+        cls, val_images_uint8: torch.Tensor, cfg: EvalConfig, centered: bool, *, max_nfe: int | None = DEFAULT_MAX_NFE
+    ) -> LikelihoodEvaluator:
         """Draw the subset, the dequantization noise and the probes from cfg.seed (same seed, same evaluator)."""
         if val_images_uint8.dtype != torch.uint8 or val_images_uint8.dim() != 4:
-            raise ValueError(f"validation images must be uint8 (N, C, H, W), got {val_images_uint8.dtype} "
-                             f"{tuple(val_images_uint8.shape)}")
+            raise ValueError(
+                f"validation images must be uint8 (N, C, H, W), got {val_images_uint8.dtype} "
+                f"{tuple(val_images_uint8.shape)}"
+            )
         n = cfg.accurate.n_images  # EvalConfig.check keeps fast.n_images <= this
         if n > len(val_images_uint8):
             raise ConfigError(f"eval.accurate.n_images: {n} is more than the {len(val_images_uint8)} validation images")
@@ -267,9 +376,15 @@ class LikelihoodEvaluator:
             return self.cfg.accurate
         raise ValueError(f"fidelity must be 'fast' or 'accurate', got {fidelity!r}")
 
-    def evaluate(self, score: ScoreFn, sde: SDE, eps: float, fidelity: str = "fast",
-                 device: torch.device | str | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> BPDResult:
+    def evaluate(
+        self,
+        score: ScoreFn,
+        sde: SDE,
+        eps: float,
+        fidelity: str = "fast",
+        device: torch.device | str | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> BPDResult:
         """Bits/dim of `score` (a model in eval mode) on the fixed images; never raises for a bad model.
 
         eps is the trial's sampling_eps, the lower end of the ODE. Images go through the ODE in chunks of
@@ -278,9 +393,19 @@ class LikelihoodEvaluator:
         `progress(images done, n_images)` is called after each chunk.
         """
         fid = self.fidelity_config(fidelity)
-        settings = {"name": fidelity, "n_images": fid.n_images, "rtol": fid.rtol, "atol": fid.atol,
-                    "method": fid.method, "estimator": self.cfg.estimator, "eps": eps,
-                    "batch_size": self.cfg.batch_size, "seed": self.cfg.seed, "frame": fid.frame, "steps": fid.steps}
+        settings = {
+            "name": fidelity,
+            "n_images": fid.n_images,
+            "rtol": fid.rtol,
+            "atol": fid.atol,
+            "method": fid.method,
+            "estimator": self.cfg.estimator,
+            "eps": eps,
+            "batch_size": self.cfg.batch_size,
+            "seed": self.cfg.seed,
+            "frame": fid.frame,
+            "steps": fid.steps,
+        }
         device = torch.device(device) if device is not None else torch.device("cpu")
         dims = self.x[0].numel()
         per_image: list[float] = []
@@ -291,13 +416,31 @@ class LikelihoodEvaluator:
             x = self.x[lo:hi].to(device)
             probes = None if self.probes is None else self.probes[lo:hi].to(device)
             try:
-                logp, _, chunk_nfe = log_likelihood(score, sde, x, eps, probes=probes, rtol=fid.rtol,
-                                                    atol=fid.atol, method=fid.method, frame=fid.frame,
-                                                    steps=fid.steps, max_nfe=self.max_nfe)
+                logp, _, chunk_nfe = log_likelihood(
+                    score,
+                    sde,
+                    x,
+                    eps,
+                    probes=probes,
+                    rtol=fid.rtol,
+                    atol=fid.atol,
+                    method=fid.method,
+                    frame=fid.frame,
+                    steps=fid.steps,
+                    max_nfe=self.max_nfe,
+                )
             except ODEFailure as exc:
-                return BPDResult(mean=math.inf, stderr=math.nan, per_image=[], nfe=nfe + exc.nfe,
-                                 seconds=time.perf_counter() - start,
-                                 fidelity=settings, failed=True, reason=f"images {lo}-{hi - 1}: {exc}", flagged=True)
+                return BPDResult(
+                    mean=math.inf,
+                    stderr=math.nan,
+                    per_image=[],
+                    nfe=nfe + exc.nfe,
+                    seconds=time.perf_counter() - start,
+                    fidelity=settings,
+                    failed=True,
+                    reason=f"images {lo}-{hi - 1}: {exc}",
+                    flagged=True,
+                )
             nfe += chunk_nfe
             per_image.extend(bits_per_dim(logp, dims, self.centered).double().cpu().tolist())
             if progress is not None:
@@ -306,7 +449,18 @@ class LikelihoodEvaluator:
         mean = values.mean().item()
         stderr = (values.std() / math.sqrt(len(values))).item() if len(values) > 1 else math.nan
         flagged = mean > UNIFORM_BPD
-        reason = (f"mean {mean:.3f} bits/dim is worse than uniform noise ({UNIFORM_BPD:g}): broken or diverged model"
-                  if flagged else None)
-        return BPDResult(mean=mean, stderr=stderr, per_image=per_image, nfe=nfe, seconds=time.perf_counter() - start,
-                         fidelity=settings, flagged=flagged, reason=reason)
+        reason = (
+            f"mean {mean:.3f} bits/dim is worse than uniform noise ({UNIFORM_BPD:g}): broken or diverged model"
+            if flagged
+            else None
+        )
+        return BPDResult(
+            mean=mean,
+            stderr=stderr,
+            per_image=per_image,
+            nfe=nfe,
+            seconds=time.perf_counter() - start,
+            fidelity=settings,
+            flagged=flagged,
+            reason=reason,
+        )

@@ -13,10 +13,12 @@ slower than fp32, and the point of the setting is speed.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
+
 
 def auto_precision(device_type: str, cuda_bf16: bool, cpu_capabilities: Mapping[str, Any]) -> str:
     """What "auto" means on a device: "bf16" where bf16 runs on dedicated units, else "fp32".

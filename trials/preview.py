@@ -3,7 +3,7 @@
 This is the winner's picture in the experiment report. At rtol = atol = 1e-3 the ODE solver takes tens of
 score evaluations where the full run's 1e-5 takes hundreds, so a 6 x 6 grid from a tuning-sized model costs
 seconds on a CPU; the images are a little less sharp than at a tight tolerance, which is enough to see what
-the model has learned. It draws through `trials.sampling.SAMPLERS["ode"]`: the same sampler the full run uses.
+the model has learned. It draws through `trials.sampling.IMAGE_SAMPLERS["ode"]`: the same sampler the full run uses.
 
 The report runs this from the driver side, where no model may be built: as a Ray task during `tune.py`
 (`trials.trainable.sample_checkpoint`), and as this command from `python -m tuner.report`:
@@ -21,18 +21,19 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from trials.layout import CHECKPOINT_FILE
 from trials.model import score_fn
 from trials.odesolve import ODEFailure
-from trials.sampling import SAMPLERS, save_grid
+from trials.sampling import IMAGE_SAMPLERS, save_grid
 from trials.sde import make_sde
 from trials.trainer import eval_model_from_checkpoint, load_checkpoint, resolve_device
 
-CHECKPOINT_FILE = "trainer.pt"  # what trials.trainable writes into each Tune checkpoint folder
 LOOSE_TOLERANCE = 1e-3
 PROGRESS_EVERY_S = 5.0
 
@@ -43,9 +44,18 @@ def checkpoint_file(path: str | Path) -> Path:
     return path / CHECKPOINT_FILE if path.is_dir() else path
 
 
-def draw_grid(checkpoint: str | Path, out: str | Path, *, n: int = 36, rtol: float = LOOSE_TOLERANCE,
-              atol: float = LOOSE_TOLERANCE, seed: int = 0, device: str = "auto", threads: int | None = None,
-              report: Callable[[str], None] | None = None) -> dict[str, Any]:
+def draw_grid(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    n: int = 36,
+    rtol: float = LOOSE_TOLERANCE,
+    atol: float = LOOSE_TOLERANCE,
+    seed: int = 0,
+    device: str = "auto",
+    threads: int | None = None,
+    report: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Sample `n` images with the checkpoint's evaluation weights (EMA when saved); write a PNG grid.
 
     Returns the settings and costs as plain values: n_images, sampler, method, rtol, atol, eps, seed,
@@ -62,27 +72,54 @@ def draw_grid(checkpoint: str | Path, out: str | Path, *, n: int = 36, rtol: flo
     loose = dataclasses.replace(cfg.sample, ode_rtol=rtol, ode_atol=atol)
     generator = torch.Generator(device=dev).manual_seed(seed)
     start = time.perf_counter()
-    samples = SAMPLERS["ode"].draw(score_fn(model, sde), sde, cfg.dataset.batch_shape(n), eps=eps, sample=loose,
-                                   generator=generator, device=dev, report=report, every=PROGRESS_EVERY_S)
+    samples = IMAGE_SAMPLERS["ode"].draw(
+        score_fn(model, sde),
+        sde,
+        cfg.dataset.batch_shape(n),
+        eps=eps,
+        sample=loose,
+        generator=generator,
+        device=dev,
+        report=report,
+        every=PROGRESS_EVERY_S,
+    )
     seconds = time.perf_counter() - start
     save_grid(samples.x, out, cfg.data.centered)
-    return {"n_images": n, "sampler": "probability-flow ODE", **SAMPLERS["ode"].settings(loose), "eps": eps,
-            "seed": seed, "nfe": int(samples.nfe), "seconds": seconds, "device": str(dev),
-            "step": int(ckpt.get("step", 0)), "checkpoint": str(path), "out": str(out)}
+    return {
+        "n_images": n,
+        "sampler": "probability-flow ODE",
+        **IMAGE_SAMPLERS["ode"].settings(loose),
+        "eps": eps,
+        "seed": seed,
+        "nfe": int(samples.nfe),
+        "seconds": seconds,
+        "device": str(dev),
+        "step": int(ckpt.get("step", 0)),
+        "checkpoint": str(path),
+        "out": str(out),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     from trials.cli import OneLineArgumentParser, device_name, positive_float, positive_int
 
-    parser = OneLineArgumentParser(prog="python -m trials.preview",
-                                   description="A sample grid from a checkpoint: the probability-flow ODE at a loose tolerance.")
-    parser.add_argument("--checkpoint", required=True, help="a Tune checkpoint folder (with trainer.pt) or a trials.trainer checkpoint file")
+    parser = OneLineArgumentParser(
+        prog="python -m trials.preview",
+        description="A sample grid from a checkpoint: the probability-flow ODE at a loose tolerance.",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a Tune checkpoint folder (with trainer.pt) or a trials.trainer checkpoint file",
+    )
     parser.add_argument("--out", required=True, help="PNG file for the grid")
     parser.add_argument("--n", type=positive_int, default=36, help="images (default 36: a 6 x 6 grid)")
     parser.add_argument("--rtol", type=positive_float, default=LOOSE_TOLERANCE)
     parser.add_argument("--atol", type=positive_float, default=LOOSE_TOLERANCE)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", type=device_name, default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda:N'")
+    parser.add_argument(
+        "--device", type=device_name, default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda:N'"
+    )
     parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
 
@@ -98,8 +135,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         return fail(f"--device {args.device}: CUDA is not available on this machine")
     try:
-        info = draw_grid(path, args.out, n=args.n, rtol=args.rtol, atol=args.atol, seed=args.seed,
-                         device=args.device, threads=args.threads, report=lambda line: print(line, file=sys.stderr, flush=True))
+        info = draw_grid(
+            path,
+            args.out,
+            n=args.n,
+            rtol=args.rtol,
+            atol=args.atol,
+            seed=args.seed,
+            device=args.device,
+            threads=args.threads,
+            report=lambda line: print(line, file=sys.stderr, flush=True),
+        )
     except ODEFailure as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 1

@@ -12,22 +12,23 @@ Both samplers start from the prior N(0, I) at t = T and run time backwards to t 
 in eval mode first), or the closed-form `trials.sde.gaussian_score` that the tests use. The functions here
 are pure: no files, no global state; randomness comes only from the `generator` passed in.
 
-`SAMPLERS` gives both one shape (`Sampler.draw` -> `Samples`), with settings from a SampleConfig; the full
-run, the report's preview and `python sample.py` (a checkpoint to a grid) draw through it.
+`IMAGE_SAMPLERS` gives both one shape (`Sampler.draw` -> `Samples`), with settings from a SampleConfig; the
+full run, the report's preview and `python sample.py` (a checkpoint to a grid) draw through it.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from trials.config import SampleConfig
 from trials.odesolve import solve
-from trials.progress import Progress, ScoreProgress
+from trials.progress import Progress
 from trials.sde import SDE, FlowFrame, ScoreFn, per_sample
 
 
@@ -36,8 +37,15 @@ def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
 
 
 # ---- reverse SDE: predictor and corrector ----------------------------------------------------------------
-def euler_maruyama_step(score: ScoreFn, sde: SDE, x: torch.Tensor, t: torch.Tensor, dt: torch.Tensor, *,
-                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def euler_maruyama_step(
+    score: ScoreFn,
+    sde: SDE,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    dt: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One Euler-Maruyama step of the reverse SDE from time t to t - dt (dt > 0).
 
     Returns (x_next, x_next_mean): the sample, and the same step without its noise, which the last step of
@@ -72,8 +80,9 @@ def langevin_step_size(score_value: torch.Tensor, noise: torch.Tensor, snr: floa
     return 2.0 * (snr * noise_norm / score_norm) ** 2
 
 
-def langevin_correct(score: ScoreFn, x: torch.Tensor, t: torch.Tensor, *, snr: float,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+def langevin_correct(
+    score: ScoreFn, x: torch.Tensor, t: torch.Tensor, *, snr: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """One unadjusted Langevin step x + step * score(x, t) + sqrt(2 step) z, which leaves p_t nearly invariant."""
     score_value = score(x, t)
     noise = _noise_like(x, generator)
@@ -82,10 +91,20 @@ def langevin_correct(score: ScoreFn, x: torch.Tensor, t: torch.Tensor, *, snr: f
 
 
 @torch.no_grad()
-def pc_sample(score: ScoreFn, sde: SDE, shape: tuple[int, ...], *, eps: float, steps: int,
-              corrector_steps: int = 1, snr: float = 0.16, generator: torch.Generator | None = None,
-              device: torch.device | str = "cpu", denoise: bool = True,
-              progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+def pc_sample(
+    score: ScoreFn,
+    sde: SDE,
+    shape: tuple[int, ...],
+    *,
+    eps: float,
+    steps: int,
+    corrector_steps: int = 1,
+    snr: float = 0.16,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    denoise: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
     """Predictor-corrector sampling of the reverse SDE on a uniform grid of `steps` steps from T to eps.
 
     At each grid time t_i (T = t_0 > ... > t_steps = eps) the corrector takes `corrector_steps` Langevin
@@ -130,9 +149,20 @@ class _ProbabilityFlow:
 
 
 @torch.no_grad()
-def ode_sample(score: ScoreFn, sde: SDE, shape: tuple[int, ...], *, eps: float, rtol: float = 1e-5,
-               atol: float = 1e-5, method: str = "dopri5", frame: str = "logsnr", denoise: bool = True,
-               generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> tuple[torch.Tensor, int]:
+def ode_sample(
+    score: ScoreFn,
+    sde: SDE,
+    shape: tuple[int, ...],
+    *,
+    eps: float,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    method: str = "dopri5",
+    frame: str = "logsnr",
+    denoise: bool = True,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, int]:
     """Integrate the probability-flow ODE from a prior draw at T back to eps; returns (x, nfe).
 
     `frame` "logsnr" integrates dx/dlambda = -sigma^2 x + sigma eps_theta in lambda = log(sigma / alpha)
@@ -182,37 +212,119 @@ class Sampler:
     settings: Callable[[SampleConfig], dict[str, Any]]
 
 
-def draw_pc(score: ScoreFn, sde: SDE, shape: tuple[int, ...], *, eps: float, sample: SampleConfig,
-            generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-            report: Callable[[str], None] | None = None, every: float = 10.0) -> Samples:
+class ScoreProgress:
+    """Wraps a score function to report how far a probability-flow solve from T down to eps has come.
+
+    Progress is measured in the solve's clock lambda = log(sigma / alpha), where adaptive steps are roughly
+    even (trials.sde). Every `every` seconds it calls `report` with a Progress line: the share of lambda
+    covered, the score evaluations so far, and the time left.
+    """
+
+    def __init__(
+        self, score: ScoreFn, sde: SDE, eps: float, label: str, report: Callable[[str], None], every: float = 5.0
+    ):
+        self.score, self.sde, self.report = score, sde, report
+        self.lam_T, self.lam_eps = (self._lam(v) for v in (sde.T, eps))
+        self.progress = Progress(label, 1.0, every=every)
+        self.calls = 0
+
+    def _lam(self, t: float) -> float:
+        return self.sde.log_noise_scale(torch.tensor(t, dtype=torch.float64)).item()
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.progress.due():
+            t_now = float(t.reshape(-1)[0])
+            share = min(max((self.lam_T - self._lam(t_now)) / (self.lam_T - self.lam_eps), 1e-6), 1.0)
+            self.report(self.progress.line(share, f"t = {t_now:.3g}, {self.calls} score evaluations"))
+        return self.score(x, t)
+
+
+def draw_pc(
+    score: ScoreFn,
+    sde: SDE,
+    shape: tuple[int, ...],
+    *,
+    eps: float,
+    sample: SampleConfig,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    report: Callable[[str], None] | None = None,
+    every: float = 10.0,
+) -> Samples:
     progress = Progress("  PC sampling", sample.pc_steps, every=every)
 
     def step_done(step: int, steps: int) -> None:
         if report is not None and step < steps and progress.due():
             report(progress.line(step, "predictor steps"))
 
-    x = pc_sample(score, sde, shape, eps=eps, steps=sample.pc_steps, corrector_steps=sample.corrector_steps,
-                  snr=sample.snr, generator=generator, device=device, progress=step_done)
+    x = pc_sample(
+        score,
+        sde,
+        shape,
+        eps=eps,
+        steps=sample.pc_steps,
+        corrector_steps=sample.corrector_steps,
+        snr=sample.snr,
+        generator=generator,
+        device=device,
+        progress=step_done,
+    )
     return Samples(x, sample.pc_steps * (1 + sample.corrector_steps))
 
 
-def draw_ode(score: ScoreFn, sde: SDE, shape: tuple[int, ...], *, eps: float, sample: SampleConfig,
-             generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-             report: Callable[[str], None] | None = None, every: float = 10.0) -> Samples:
+def draw_ode(
+    score: ScoreFn,
+    sde: SDE,
+    shape: tuple[int, ...],
+    *,
+    eps: float,
+    sample: SampleConfig,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    report: Callable[[str], None] | None = None,
+    every: float = 10.0,
+) -> Samples:
     if report is not None:
         score = ScoreProgress(score, sde, eps, "  ODE sampling", report, every=every)
-    x, nfe = ode_sample(score, sde, shape, eps=eps, rtol=sample.ode_rtol, atol=sample.ode_atol,
-                        method=sample.ode_method, frame=sample.ode_frame, generator=generator, device=device)
+    x, nfe = ode_sample(
+        score,
+        sde,
+        shape,
+        eps=eps,
+        rtol=sample.ode_rtol,
+        atol=sample.ode_atol,
+        method=sample.ode_method,
+        frame=sample.ode_frame,
+        generator=generator,
+        device=device,
+    )
     return Samples(x, nfe)
 
 
-SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
-    Sampler("pc", "reverse-SDE predictor-corrector (Euler-Maruyama + Langevin), denoised last step", draw_pc,
-            lambda sc: {"steps": sc.pc_steps, "corrector_steps": sc.corrector_steps, "snr": sc.snr}),
-    Sampler("ode", "probability-flow ODE (adaptive solver, logsnr frame by default) + a denoising step", draw_ode,
-            lambda sc: {"rtol": sc.ode_rtol, "atol": sc.ode_atol, "method": sc.ode_method, "frame": sc.ode_frame,
-                        "denoise": True}),
-)}
+IMAGE_SAMPLERS: dict[str, Sampler] = {
+    s.name: s
+    for s in (
+        Sampler(
+            "pc",
+            "reverse-SDE predictor-corrector (Euler-Maruyama + Langevin), denoised last step",
+            draw_pc,
+            lambda sc: {"steps": sc.pc_steps, "corrector_steps": sc.corrector_steps, "snr": sc.snr},
+        ),
+        Sampler(
+            "ode",
+            "probability-flow ODE (adaptive solver, logsnr frame by default) + a denoising step",
+            draw_ode,
+            lambda sc: {
+                "rtol": sc.ode_rtol,
+                "atol": sc.ode_atol,
+                "method": sc.ode_method,
+                "frame": sc.ode_frame,
+                "denoise": True,
+            },
+        ),
+    )
+}
 
 
 # ---- images --------------------------------------------------------------------------------------------------

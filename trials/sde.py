@@ -66,8 +66,9 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -137,8 +138,9 @@ class SDE(ABC):
         """Sample x_t given x_0 with the supplied standard-normal `noise`."""
         return per_sample(self.mean_coeff(t), x0) * x0 + per_sample(self.marginal_std(t), x0) * noise
 
-    def prior_sample(self, shape: tuple[int, ...], generator: torch.Generator | None = None,
-                     device: torch.device | str = "cpu") -> torch.Tensor:
+    def prior_sample(
+        self, shape: tuple[int, ...], generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
         return torch.randn(shape, generator=generator, device=device)
 
     def prior_logp(self, z: torch.Tensor) -> torch.Tensor:
@@ -205,7 +207,7 @@ class VPSDE(LinearBetaSDE):
         return torch.exp(log_alpha), torch.exp(lam + log_alpha)
 
     def dlog_alpha_dlambda(self, lam: torch.Tensor) -> torch.Tensor:
-        return -self.scale_and_std_at(lam)[1] ** 2  # -sigma^2
+        return -(self.scale_and_std_at(lam)[1] ** 2)  # -sigma^2
 
 
 @dataclass(frozen=True)
@@ -247,7 +249,7 @@ class SubVPSDE(LinearBetaSDE):
 SDES: dict[str, type[SDE]] = {"vp": VPSDE, "subvp": SubVPSDE}  # the names trials.config.SDE_KINDS allows
 
 
-def make_sde(cfg: "SDEConfig") -> SDE:
+def make_sde(cfg: SDEConfig) -> SDE:
     """The SDE a config's `sde` section describes."""
     return SDES[cfg.kind](cfg.beta_min, cfg.beta_max, cfg.T)
 
@@ -297,8 +299,9 @@ class FlowFrame:
         tau = tau.to(torch.float64)
         return tau if self.name == "t" else self.sde.time_at(tau)
 
-    def velocity(self, score: ScoreFn, x: torch.Tensor, tau: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def velocity(
+        self, score: ScoreFn, x: torch.Tensor, tau: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(dx/dtau, its part whose divergence is not in closed form, the score) at clock tau.
 
         Differentiable in x; the score model sees t of shape (B,) in x's dtype.

@@ -13,19 +13,21 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from trials.config import TrialConfig
-from trials.data import MnistData, to_model_space
+from trials.data import DatasetSplits, to_model_space
+from trials.files import atomic_path
 from trials.model import score_fn, unet_for
 from trials.precision import autocast_forward, resolve_precision, use_cuda_fast_math
-from trials.sde import SDE, make_sde, ScoreFn, per_sample
+from trials.sde import SDE, ScoreFn, make_sde, per_sample
 
 
 def dsm_loss(score: ScoreFn, sde: SDE, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -49,6 +51,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def trial_device(name: str, assigned_gpus: list[str]) -> tuple[torch.device, str | None]:
+    """The device a tuning trial trains on, and a one-line note when it cannot use the GPU it was given.
+
+    A cluster may declare GPUs that this process's torch cannot use (a CPU build of torch, a missing driver,
+    a node that declares GPUs it does not have); the trial then trains on the CPU rather than failing, and
+    says so once. Without an assigned GPU, `train.device` means what it means everywhere else."""
+    if assigned_gpus and name != "cpu" and not torch.cuda.is_available():
+        cuda = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+        return torch.device("cpu"), (
+            f"Ray assigned GPU {','.join(assigned_gpus)} but torch {torch.__version__} "
+            f"({cuda}) sees no CUDA device: training on the CPU instead"
+        )
+    return resolve_device(name), None
+
+
 def ema_avg_fn(decay: float):
     """EMA update for AveragedModel with the decay warmed up as min(decay, (1 + n) / (10 + n)).
 
@@ -65,7 +82,7 @@ def ema_avg_fn(decay: float):
 
 
 class Trainer:
-    def __init__(self, cfg: TrialConfig, data: MnistData, device: torch.device | str | None = None):
+    def __init__(self, cfg: TrialConfig, data: DatasetSplits, device: torch.device | str | None = None):
         self.cfg = cfg
         self.device = torch.device(device) if device is not None else resolve_device(cfg.train.device)
         if cfg.train.num_threads > 0:
@@ -77,8 +94,11 @@ class Trainer:
         self.train_images = data.train
         torch.manual_seed(cfg.train.seed)  # model init and dropout
         self.model = unet_for(cfg).to(self.device)
-        self.ema = (AveragedModel(self.model, multi_avg_fn=ema_avg_fn(cfg.train.ema_decay), use_buffers=True)
-                    if cfg.train.ema_decay > 0 else None)
+        self.ema = (
+            AveragedModel(self.model, multi_avg_fn=ema_avg_fn(cfg.train.ema_decay), use_buffers=True)
+            if cfg.train.ema_decay > 0
+            else None
+        )
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr)
         self.step = 0
         self.rng = torch.Generator().manual_seed(cfg.train.seed)  # batches, dequantization, t and z
@@ -151,7 +171,11 @@ class Trainer:
             x0, t, z = self._draw_batch()
             loss = dsm_loss(score, self.sde, x0, t, z)
             if not torch.isfinite(loss):
-                yield {"step": self.step, "diverged": True, "reason": f"non-finite DSM loss {loss.item()} at step {self.step}"}
+                yield {
+                    "step": self.step,
+                    "diverged": True,
+                    "reason": f"non-finite DSM loss {loss.item()} at step {self.step}",
+                }
                 return
             for group in self.optimizer.param_groups:
                 group["lr"] = self._lr_at(self.step)
@@ -168,13 +192,22 @@ class Trainer:
             at_val = self.step % tc.val_every == 0 or self.step == until
             if self.step % tc.log_every == 0 or at_val:
                 seconds = time.perf_counter() - window_start
-                record = {"step": self.step, "train_loss": window_loss / window_steps,
-                          "images_per_sec": window_steps * tc.batch_size / max(seconds, 1e-9),
-                          "lr": self._lr_at(self.step - 1), "precision": self.precision, "diverged": False}
+                record = {
+                    "step": self.step,
+                    "train_loss": window_loss / window_steps,
+                    "images_per_sec": window_steps * tc.batch_size / max(seconds, 1e-9),
+                    "lr": self._lr_at(self.step - 1),
+                    "precision": self.precision,
+                    "diverged": False,
+                }
                 if at_val:
                     record["val_dsm"] = self.val_dsm()
                     if not math.isfinite(record["val_dsm"]):
-                        yield {**record, "diverged": True, "reason": f"non-finite validation DSM loss at step {self.step}"}
+                        yield {
+                            **record,
+                            "diverged": True,
+                            "reason": f"non-finite validation DSM loss at step {self.step}",
+                        }
                         return
                 yield record
                 window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
@@ -206,10 +239,8 @@ class Trainer:
     def save_checkpoint(self, path: str | Path, **extra: Any) -> None:
         """Write the state (plus any `extra` entries the caller keeps with it) atomically: a crash
         mid-write leaves the previous checkpoint intact."""
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save({**self.state_dict(), **extra}, tmp)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            torch.save({**self.state_dict(), **extra}, tmp)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -217,13 +248,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return torch.load(Path(path), map_location=map_location, weights_only=True)
 
 
-def eval_model_from_checkpoint(ckpt: dict[str, Any], device: torch.device | str = "cpu") -> tuple[TrialConfig, nn.Module]:
+def eval_model_from_checkpoint(
+    ckpt: dict[str, Any], device: torch.device | str = "cpu"
+) -> tuple[TrialConfig, nn.Module]:
     """Rebuild the evaluation weights (EMA when saved) of a checkpoint without an optimiser or data."""
     cfg = TrialConfig.from_dict(ckpt["config"])
     model = unet_for(cfg)
     if ckpt.get("ema") is not None:
         # AveragedModel's state dict holds the wrapped module under "module." plus its counter.
-        model.load_state_dict({k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")})
+        model.load_state_dict({k[len("module.") :]: v for k, v in ckpt["ema"].items() if k.startswith("module.")})
     else:
         model.load_state_dict(ckpt["model"])
     return cfg, model.to(device).eval()

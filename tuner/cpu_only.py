@@ -7,17 +7,18 @@ measures a couple of training steps of the space's model on a worker (trial-side
 prints the estimate and the CPU space to use instead, and stops with exit status 2 unless the user insists
 (`tune.py --allow-cpu`).
 
-The estimate counts training steps only: every trial trains to the first ASHA rung, and a fraction
-1 / reduction_factor of the trials survives each rung (ASHA's promotion rule), so a trial trains on
-average sum_k (r_k - r_{k-1}) / eta^k steps; the scores at the rungs come on top.
+The estimate counts training steps only, as many per trial as the space's scheduler lets a trial train on
+average (tuner/search_tables.py: under ASHA a fraction 1 / reduction_factor of the trials survives each rung);
+the scores at the rungs come on top.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
+from trials.progress import duration
+from tuner.search_tables import SCHEDULERS
 from tuner.space import SearchSpace
 
 CPU_SPACE = "search_spaces/cpu.yaml"
@@ -29,35 +30,12 @@ def sized_for_gpus(space: SearchSpace) -> bool:
 
 def middle_params(space: SearchSpace) -> dict[str, Any]:
     """A representative trial: the middle choice of each choice, the (geometric) middle of each range."""
-    params = {}
-    for hp in space.hyperparameters:
-        if hp.kind == "choice":
-            params[hp.name] = hp.labels()[len(hp.values) // 2]
-        elif hp.kind == "loguniform":
-            params[hp.name] = math.sqrt(hp.low * hp.high)
-        elif hp.kind == "randint":
-            params[hp.name] = int((hp.low + hp.high) // 2)
-        else:
-            params[hp.name] = (hp.low + hp.high) / 2
-    return params
-
-
-def asha_rungs(max_t: int, grace_period: int, reduction_factor: int) -> list[int]:
-    """The steps at which ASHA may stop a trial (Ray's milestones grace * eta^k), below the full length."""
-    rungs, r = [], grace_period
-    while r < max_t:
-        rungs.append(r)
-        r *= reduction_factor
-    return rungs
+    return {hp.name: hp.middle() for hp in space.hyperparameters}
 
 
 def expected_steps_per_trial(space: SearchSpace) -> float:
-    steps = space.base_config.train.steps
-    if space.search.scheduler != "asha":
-        return float(steps)
-    eta = space.search.reduction_factor
-    bounds = [0, *asha_rungs(steps, space.search.grace_period, eta), steps]
-    return sum((bounds[k + 1] - bounds[k]) / eta ** k for k in range(len(bounds) - 1))
+    s = space.search
+    return SCHEDULERS[s.scheduler].expected_steps(space.base_config.train.steps, s.grace_period, s.reduction_factor)
 
 
 @dataclass(frozen=True)
@@ -76,34 +54,34 @@ class Estimate:
 
 def estimate(space: SearchSpace, seconds_per_step: float, cluster_cpus: float) -> Estimate:
     parallel = max(1, min(space.search.max_concurrent, int(cluster_cpus // space.resources.cpus_per_trial)))
-    return Estimate(seconds_per_step, expected_steps_per_trial(space), space.search.num_samples, parallel,
-                    space.search.time_budget_s)
+    return Estimate(
+        seconds_per_step,
+        expected_steps_per_trial(space),
+        space.search.num_samples,
+        parallel,
+        space.search.time_budget_s,
+    )
 
 
 def headline(space: SearchSpace) -> str:
-    return (f"{space.source} is sized for GPUs (resources.gpus_per_trial: {space.resources.gpus_per_trial:g}), "
-            "but this Ray cluster has no GPU.")
+    return (
+        f"{space.source} is sized for GPUs (resources.gpus_per_trial: {space.resources.gpus_per_trial:g}), "
+        "but this Ray cluster has no GPU."
+    )
 
 
 def explain(space: SearchSpace, est: Estimate, measured: str) -> list[str]:
     """The lines printed after the measurement, before stopping (or, with --allow-cpu, running anyway)."""
-    budget = (f"; the time budget of {duration(est.time_budget_s)} stops it first, after a fraction of its trials"
-              if est.time_budget_s and est.time_budget_s < est.seconds_per_step * est.steps_per_trial * est.trials / est.parallel
-              else "")
+    budget = (
+        f"; the time budget of {duration(est.time_budget_s, words=True)} stops it first, after a fraction of its trials"
+        if est.time_budget_s
+        and est.time_budget_s < est.seconds_per_step * est.steps_per_trial * est.trials / est.parallel
+        else ""
+    )
     return [
         f"Measured here: {est.seconds_per_step:.2f} s per training step of its model ({measured}).",
         f"Estimate: {est.trials} trials x about {est.steps_per_trial:,.0f} steps each "
-        f"({'ASHA stops most trials early' if space.search.scheduler == 'asha' else 'every trial to the end'}), "
-        f"{est.parallel} at a time: about {duration(est.seconds)} of training, plus the scoring at each rung{budget}.",
+        f"({SCHEDULERS[space.search.scheduler].about}), "
+        f"{est.parallel} at a time: about {duration(est.seconds, words=True)} of training, plus the scoring at each rung{budget}.",
         f"For a CPU use {CPU_SPACE} (about 7 minutes on 2 cores), or add --allow-cpu to run this space here anyway.",
     ]
-
-
-def duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} minutes"
-    if seconds < 48 * 3600:
-        return f"{seconds / 3600:.1f} hours"
-    return f"{seconds / 86400:.1f} days"

@@ -9,7 +9,7 @@ One call, `run(options)`, does one experiment:
   4. re-score the top k trials' checkpoints at accurate fidelity (as Ray tasks, so the driver never builds
      a model) and export `trials.csv` and `best_config.yaml`, attached to the MLflow parent run;
 
-  5. write the experiment report (tuner/report.py; the winner's samples drawn by a Ray task), attached too.
+  5. write the experiment report (tuner/report/; the winner's samples drawn by a Ray task), attached too.
 
 MLflow going away never stops a search (tuner/outbox.py): the files are always written, and the exit status is
 3 instead of 0 when some records are still waiting for the store; `--resume` of a finished experiment re-runs
@@ -24,6 +24,7 @@ import math
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,18 +35,17 @@ from ray import tune
 from trials.cli import EXIT_INTERRUPTED, UserError
 from trials.data import load_data
 from trials.likelihood import LikelihoodEvaluator
+from trials.progress import Progress
 from trials.trainable import rescore_checkpoint, run_trial, sample_checkpoint, time_training_steps
 from tuner import cpu_only
 from tuner.export import Export, rank_candidates, trials_table, write_outputs
-from trials.progress import Progress
+from tuner.mlflow_runs import default_tracking_uri
+from tuner.outbox import EXIT_TRACKING_INCOMPLETE
 from tuner.report import SAMPLE_SETTINGS, build_report, save_space
 from tuner.searcher import METRIC, MODE, STUDY_FILE, build_search
-from tuner.outbox import EXIT_TRACKING_INCOMPLETE
 from tuner.space import SearchSpace, load_space
 from tuner.sync import complete_experiment
-from tuner.mlflow_runs import default_tracking_uri
 from tuner.tracking import ExperimentTracker, MlflowTrialLogger, read_state, trial_status
-
 
 
 class UsageError(UserError, ValueError):
@@ -79,16 +79,22 @@ def prepare(options: TuneOptions) -> tuple[SearchSpace, Path]:
     if options.resume and not started:
         raise UsageError(f"--resume: no experiment to resume at {experiment_dir} (run without --resume to start it)")
     if not options.resume and started:
-        raise UsageError(f"experiment {space.name!r} already exists at {experiment_dir}: "
-                         "add --resume to continue it, or pick another --name")
+        raise UsageError(
+            f"experiment {space.name!r} already exists at {experiment_dir}: "
+            "add --resume to continue it, or pick another --name"
+        )
     return space, experiment_dir
 
 
 def with_cli_overrides(space: SearchSpace, options: TuneOptions) -> SearchSpace:
     search = space.search
-    for field, value in (("num_samples", options.num_samples), ("time_budget_s", options.time_budget),
-                         ("max_concurrent", options.max_concurrent), ("top_k", options.top_k),
-                         ("seed", options.seed)):
+    for field, value in (
+        ("num_samples", options.num_samples),
+        ("time_budget_s", options.time_budget),
+        ("max_concurrent", options.max_concurrent),
+        ("top_k", options.top_k),
+        ("seed", options.seed),
+    ):
         if value is not None:  # tune.py's parser has already checked the counts are positive
             search = dataclasses.replace(search, **{field: value})
     if options.name is not None and (not options.name or any(c in options.name for c in "/\\ ")):
@@ -107,7 +113,9 @@ def with_cli_overrides(space: SearchSpace, options: TuneOptions) -> SearchSpace:
     return space
 
 
-def run(options: TuneOptions) -> int:
+def run(options: TuneOptions, stand_in: Callable[..., None] | None = None) -> int:
+    """One experiment. `stand_in` replaces the trial's training (bench/driver_load.py replays recorded curves
+    through everything else): it is called as stand_in(params, space=space) and reports like run_trial."""
     space, experiment_dir = prepare(options)
     if options.resume and read_state(experiment_dir).get("status") == "FINISHED":
         return _send_unsent(experiment_dir, _resume_command(options, space))
@@ -122,15 +130,24 @@ def run(options: TuneOptions) -> int:
     evaluator = LikelihoodEvaluator.build(data.val, base.eval, base.data.centered)
     _start_ray(options.address)
     gpus = _gpus_per_trial(space, data, options.allow_cpu)
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, space=space, data=data, evaluator=evaluator,
-                             threads=max(1, int(space.resources.cpus_per_trial))),
-        {"cpu": space.resources.cpus_per_trial, "gpu": gpus})
+    trial = (
+        tune.with_parameters(stand_in, space=space)
+        if stand_in is not None
+        else tune.with_parameters(
+            run_trial, space=space, data=data, evaluator=evaluator, threads=max(1, int(space.resources.cpus_per_trial))
+        )
+    )
+    trainable = tune.with_resources(trial, {"cpu": space.resources.cpus_per_trial, "gpu": gpus})
 
     tracker = ExperimentTracker.open(tracking_uri, experiment_dir, space.name)
     tracker.log_experiment(_experiment_params(space), {"space_file": space.source, "space_sha256": space.sha256})
-    ids = (f"experiment {tracker.experiment_id}, parent run {tracker.parent_run_id}" if tracker.parent_run_id
-           else "parent run not created yet")
+    # Sent now, before the search, for the ids printed below; from here on the outbox's sender does the sending.
+    tracker.flush()
+    ids = (
+        f"experiment {tracker.experiment_id}, parent run {tracker.parent_run_id}"
+        if tracker.parent_run_id
+        else "parent run not created yet"
+    )
     print(f"MLflow: {tracking_uri} ({ids})", flush=True)
     save_space(experiment_dir, space)  # the report is rebuilt from the folder alone
 
@@ -150,8 +167,7 @@ def run(options: TuneOptions) -> int:
             run_config=tune.RunConfig(
                 name=space.name,
                 storage_path=str(storage),
-                callbacks=[MlflowTrialLogger(tracking_uri, experiment_dir, space.name, space,
-                                             base.train.steps)],
+                callbacks=[MlflowTrialLogger(tracking_uri, experiment_dir, space.name, space, base.train.steps)],
                 failure_config=tune.FailureConfig(max_failures=space.search.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 verbose=1,
@@ -165,9 +181,12 @@ def run(options: TuneOptions) -> int:
     if any(s == "interrupted" for s in statuses.values()):
         tracker.finish("KILLED")
         kept = "" if tracker.flush() else f" (and the MLflow records kept in {tracker.outbox.path})"
-        print(f"\nInterrupted; state saved in {experiment_dir}{kept}.\n"
-              f"Continue with: {_resume_command(options, space)}\n"
-              f"Report of the trials so far: python -m tuner.report {experiment_dir}", flush=True)
+        print(
+            f"\nInterrupted; state saved in {experiment_dir}{kept}.\n"
+            f"Continue with: {_resume_command(options, space)}\n"
+            f"Report of the trials so far: python -m tuner.report {experiment_dir}",
+            flush=True,
+        )
         return EXIT_INTERRUPTED
 
     tracker.flush()  # what the store missed during the search, so the table gets every run id it can
@@ -194,9 +213,12 @@ def _tracking_status(tracker: ExperimentTracker, experiment_dir: Path, resume_co
         return 0
     outbox = tracker.outbox
     refused = f"; {outbox.rejected} refused by the store, kept in {outbox.rejected_path}" if outbox.rejected else ""
-    print(f"\nThe search is complete and its files are written, but MLflow ({tracker.tracking_uri}) has not got "
-          f"everything: {outbox.pending} records are kept in {outbox.path}{refused}. Send them when it answers "
-          f"with: {resume_command}", flush=True)
+    print(
+        f"\nThe search is complete and its files are written, but MLflow ({tracker.tracking_uri}) has not got "
+        f"everything: {outbox.pending} records are kept in {outbox.path}{refused}. Send them when it answers "
+        f"with: {resume_command}",
+        flush=True,
+    )
     return EXIT_TRACKING_INCOMPLETE
 
 
@@ -229,8 +251,11 @@ def _start_ray(address: str | None) -> None:
         # browser asks once and keeps it (a cookie, 30 days). `ray get-auth-token` prints it, for a local
         # Ray (~/.ray/auth_token) and for a joined one ($RAY_AUTH_TOKEN) alike.
         ray_cli = Path(sys.executable).with_name("ray")
-        print(f"Ray dashboard: http://{url}  (it asks for a token: paste what "
-              f"`{ray_cli if ray_cli.exists() else 'ray'} get-auth-token` prints)", flush=True)
+        print(
+            f"Ray dashboard: http://{url}  (it asks for a token: paste what "
+            f"`{ray_cli if ray_cli.exists() else 'ray'} get-auth-token` prints)",
+            flush=True,
+        )
     else:
         print(f"Ray dashboard: http://{url}", flush=True)
 
@@ -247,21 +272,32 @@ def _token_auth_enabled() -> bool:
 def _gpus_per_trial(space: SearchSpace, data, allow_cpu: bool) -> float:
     if space.resources.gpus_per_trial <= 0:
         return 0.0
-    if ray.cluster_resources().get("GPU", 0) <= 0:
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    if cluster_gpus <= 0:
         # A GPU request on a CPU-only cluster would leave every trial pending forever; running the trials on
         # the CPUs instead takes days for a GPU-sized space, so say so and stop unless told to go on.
         _check_cpu_only(space, data, allow_cpu)
         print(f"--allow-cpu: trials run on CPU (ignoring gpus_per_trial={space.resources.gpus_per_trial})", flush=True)
         return 0.0
-    return space.resources.gpus_per_trial
+    gpus = space.resources.gpus_per_trial
+    # Whole trials per GPU: Ray packs fractional requests onto one GPU until its share is used up.
+    per_gpu = int(1 / gpus + 1e-9)
+    print(
+        f"GPUs: {cluster_gpus:g} on the Ray cluster, {gpus:g} per trial ({per_gpu} trial{'s' if per_gpu > 1 else ''} "
+        f"per GPU): up to {int(cluster_gpus) * per_gpu} trials at a time on them",
+        flush=True,
+    )
+    return gpus
 
 
 def _check_cpu_only(space: SearchSpace, data, allow_cpu: bool) -> None:
     params = cpu_only.middle_params(space)
     cfg = space.trial_config(params)
     threads = max(1, int(space.resources.cpus_per_trial))
-    described = ", ".join(f"{hp.name} {hp.decode(params[hp.name])}" for hp in space.hyperparameters
-                          if hp.kind == "choice") + f"; {threads} thread{'s' if threads > 1 else ''}"
+    described = (
+        ", ".join(f"{hp.name} {hp.decode(params[hp.name])}" for hp in space.hyperparameters if hp.is_choice)
+        + f"; {threads} thread{'s' if threads > 1 else ''}"
+    )
     print(cpu_only.headline(space), flush=True)
     print(f"Timing 2 training steps of its model on a worker ({described}) ...", flush=True)
     task = ray.remote(num_cpus=space.resources.cpus_per_trial)(time_training_steps)
@@ -270,22 +306,29 @@ def _check_cpu_only(space: SearchSpace, data, allow_cpu: bool) -> None:
     for line in cpu_only.explain(space, est, described):
         print(line, flush=True)
     if not allow_cpu:
-        raise UsageError(f"{space.source}: resources.gpus_per_trial: the space is sized for GPUs and this Ray "
-                         f"cluster has none; use {cpu_only.CPU_SPACE}, or add --allow-cpu to run it anyway")
+        raise UsageError(
+            f"{space.source}: resources.gpus_per_trial: the space is sized for GPUs and this Ray "
+            f"cluster has none; use {cpu_only.CPU_SPACE}, or add --allow-cpu to run it anyway"
+        )
 
 
 def _tune_config(space: SearchSpace, experiment_dir: Path) -> tune.TuneConfig:
     experiment_dir.mkdir(parents=True, exist_ok=True)
     searcher, scheduler = build_search(space, experiment_dir)
-    return tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
-                           num_samples=space.search.num_samples, time_budget_s=space.search.time_budget_s)
+    return tune.TuneConfig(
+        metric=METRIC,
+        mode=MODE,
+        search_alg=searcher,
+        scheduler=scheduler,
+        num_samples=space.search.num_samples,
+        time_budget_s=space.search.time_budget_s,
+    )
 
 
 def _experiment_params(space: SearchSpace) -> dict[str, Any]:
     params = {f"search.{k}": v for k, v in dataclasses.asdict(space.search).items()}
     params.update({f"resources.{k}": v for k, v in dataclasses.asdict(space.resources).items()})
-    params.update({f"space.{hp.name}": f"{hp.kind} {list(hp.values) if hp.kind == 'choice' else [hp.low, hp.high]}"
-                   for hp in space.hyperparameters})
+    params.update({f"space.{hp.name}": hp.describe() for hp in space.hyperparameters})
     return params
 
 
@@ -307,14 +350,17 @@ def _load_analysis(experiment_dir: Path) -> tune.ExperimentAnalysis:
         logger.setLevel(level)
 
 
-def _rescore(candidates: list[tuple[Any, str]], evaluator: LikelihoodEvaluator, space: SearchSpace,
-             gpus: float) -> dict[str, dict[str, Any]]:
+def _rescore(
+    candidates: list[tuple[Any, str]], evaluator: LikelihoodEvaluator, space: SearchSpace, gpus: float
+) -> dict[str, dict[str, Any]]:
     """Accurate-fidelity val bits/dim of each candidate's last checkpoint, as parallel Ray tasks."""
     if not candidates:
         return {}
-    print(f"\nRe-scoring the top {len(candidates)} trials at accurate fidelity "
-          f"({space.base_config.eval.accurate.n_images} images, {space.base_config.eval.accurate.describe()}) ...",
-          flush=True)
+    print(
+        f"\nRe-scoring the top {len(candidates)} trials at accurate fidelity "
+        f"({space.base_config.eval.accurate.n_images} images, {space.base_config.eval.accurate.describe()}) ...",
+        flush=True,
+    )
     task = ray.remote(num_cpus=space.resources.cpus_per_trial, num_gpus=gpus)(rescore_checkpoint)
     evaluator_ref = ray.put(evaluator)
     threads = max(1, int(space.resources.cpus_per_trial))
@@ -327,10 +373,17 @@ def _rescore(candidates: list[tuple[Any, str]], evaluator: LikelihoodEvaluator, 
         try:
             out[trial_id] = ray.get(ready[0])
         except ray.exceptions.RayError as exc:  # a lost checkpoint or a dead node costs one re-score, not the export
-            out[trial_id] = {"failed": True, "mean": math.inf, "stderr": math.nan, "nfe": 0,
-                             "reason": f"re-scoring failed: {str(exc).strip().splitlines()[-1][:300]}"}
+            out[trial_id] = {
+                "failed": True,
+                "mean": math.inf,
+                "stderr": math.nan,
+                "nfe": 0,
+                "reason": f"re-scoring failed: {str(exc).strip().splitlines()[-1][:300]}",
+            }
         r = out[trial_id]
-        status = f"failed: {r['reason']}" if r["failed"] else f"{r['mean']:.4f} ± {r['stderr']:.4f} bits/dim, NFE {r['nfe']}"
+        status = (
+            f"failed: {r['reason']}" if r["failed"] else f"{r['mean']:.4f} ± {r['stderr']:.4f} bits/dim, NFE {r['nfe']}"
+        )
         progress.done(len(out), f"{trial_id}: {status}")
     return {trial.trial_id: out[trial.trial_id] for trial, _ in candidates}
 
@@ -351,8 +404,11 @@ def _write_report(experiment_dir: Path, space: SearchSpace, gpus: float, tracker
     try:
         report = build_report(experiment_dir, space, sampler=ray_sampler)
     except Exception as exc:  # noqa: BLE001 - any bug in a figure must not cost the finished search
-        print(f"Report failed ({type(exc).__name__}: {exc}); rebuild it with: python -m tuner.report {experiment_dir}",
-              file=sys.stderr, flush=True)
+        print(
+            f"Report failed ({type(exc).__name__}: {exc}); rebuild it with: python -m tuner.report {experiment_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
         return None
     tracker.log_report(report.files)
     return report.html
@@ -361,8 +417,21 @@ def _write_report(experiment_dir: Path, space: SearchSpace, gpus: float, tracker
 def _print_summary(table, export: Export, tracking_uri: str, experiment_id: str = "") -> None:
     import pandas as pd
 
-    columns = [c for c in ["trial_id", "status", *export.hyperparameter_columns, "val_bpd_last", "val_bpd_accurate",
-                           "paired_diff", "paired_diff_stderr", "steps", "seconds"] if c in table.columns]
+    columns = [
+        c
+        for c in [
+            "trial_id",
+            "status",
+            *export.hyperparameter_columns,
+            "val_bpd_last",
+            "val_bpd_accurate",
+            "paired_diff",
+            "paired_diff_stderr",
+            "steps",
+            "seconds",
+        ]
+        if c in table.columns
+    ]
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
         print("\nBest trials:")
         print(table[columns].head(5).to_string(index=False))
@@ -370,8 +439,10 @@ def _print_summary(table, export: Export, tracking_uri: str, experiment_id: str 
     if export.winner_fidelity == "accurate":
         rows = table.set_index("trial_id")
         if export.tied:
-            ties = ", ".join(f"{tid} (+{rows.at[tid, 'paired_diff']:.4f} ± {rows.at[tid, 'paired_diff_stderr']:.4f})"
-                             for tid in export.tied)
+            ties = ", ".join(
+                f"{tid} (+{rows.at[tid, 'paired_diff']:.4f} ± {rows.at[tid, 'paired_diff_stderr']:.4f})"
+                for tid in export.tied
+            )
             print(f"Tied with the winner (paired difference on the same images within 2 standard errors): {ties}")
         else:
             print("No re-scored trial is tied with the winner (every paired difference exceeds 2 standard errors).")
@@ -379,7 +450,10 @@ def _print_summary(table, export: Export, tracking_uri: str, experiment_id: str 
     for label, path in export.paths.items():
         print(f"  {label:<12} {path}")
     local = tracking_uri.startswith("sqlite:")
-    print(f"  {'mlflow':<12} {tracking_uri}" + (f"   (browse: mlflow ui --backend-store-uri {tracking_uri})" if local else ""))
+    print(
+        f"  {'mlflow':<12} {tracking_uri}"
+        + (f"   (browse: mlflow ui --backend-store-uri {tracking_uri})" if local else "")
+    )
     # MLflow 3.17's UI opens every experiment on its GenAI view unless the URL asks for model training.
     ui = "http://127.0.0.1:5000" if local else tracking_uri.rstrip("/")
     if experiment_id and (local or tracking_uri.startswith("http")):

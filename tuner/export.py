@@ -6,6 +6,9 @@
   best_config.yaml  the winner's complete TrialConfig (what `train.py --config` loads unchanged) plus a
                     `provenance` section: scores, trial and MLflow ids, code version, space-file hash
   rescores.json     the accurate re-scores with their solver settings and NFE
+
+It also holds the rules the report reads these files by, so the two never disagree: the winner
+(`pick_winner`), which trials tie with it (`paired_to_winner`, `ties_with_winner`), and the readers.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import math
 import statistics
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,10 +28,13 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from trials.files import atomic_write_text
+from trials.files import atomic_path, atomic_write_text
 from tuner.mlflow_runs import is_finite_number
 from tuner.space import SearchSpace
 
+TRIALS_CSV = "trials.csv"
+RESCORES_JSON = "rescores.json"
+BEST_CONFIG = "best_config.yaml"
 NOT_CANDIDATES = ("errored", "diverged")
 # A re-scored trial is tied with the winner when its paired difference is within this many standard errors.
 TIE_STDERRS = 2.0
@@ -60,9 +67,80 @@ def paired_to_winner(rescores: dict[str, dict], winner_id: str) -> dict[str, dic
         if not all(math.isfinite(d) for d in diffs):
             continue
         mean, stderr = statistics.fmean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
-        out[trial_id] = {"paired_diff": mean, "paired_diff_stderr": stderr,
-                         "tied_with_winner": bool(mean <= TIE_STDERRS * stderr)}
+        out[trial_id] = {
+            "paired_diff": mean,
+            "paired_diff_stderr": stderr,
+            "tied_with_winner": bool(mean <= TIE_STDERRS * stderr),
+        }
     return out
+
+
+def pick_winner(
+    rescores: dict[str, dict], last_scores: Iterable[tuple[str, str, Any]]
+) -> tuple[str, float, str] | None:
+    """The winner as (trial id, bits/dim, fidelity), or None when no trial has a score.
+
+    The best accurate re-score wins, so the winner is not picked by the fast estimate's noise. Without one
+    (the search has not finished, or every re-score failed) the best last fast score of the trials that may be
+    candidates wins: `last_scores` is (trial id, status, last fast val bits/dim) per trial, ties to the first.
+    """
+    good = {tid: r["mean"] for tid, r in rescores.items() if not r.get("failed") and is_finite_number(r.get("mean"))}
+    if good:
+        tid = min(good, key=good.get)
+        return tid, float(good[tid]), "accurate"
+    fast = [
+        (tid, float(bpd)) for tid, status, bpd in last_scores if status not in NOT_CANDIDATES and is_finite_number(bpd)
+    ]
+    if fast:
+        tid, bpd = min(fast, key=lambda item: item[1])
+        return tid, bpd, "fast"
+    return None
+
+
+def ties_with_winner(
+    rescores: dict[str, dict], winner_id: str, table: pd.DataFrame | None = None
+) -> tuple[dict[str, bool], str]:
+    """Which re-scored trials tie with the winner, and by which rule:
+
+    "paired"   the verdicts `paired_to_winner` recorded (in the re-scores, or trials.csv's column);
+    "overlap"  an export that recorded none (older than the paired comparison): the mean ± stderr
+               intervals overlap, a rough rule that ignores that every trial is scored on the same images;
+    "missing"  the winner has no re-score.
+    """
+    scored = {tid: r for tid, r in rescores.items() if not r.get("failed") and is_finite_number(r.get("mean"))}
+    recorded = {tid: bool(r["tied_with_winner"]) for tid, r in scored.items() if "tied_with_winner" in r}
+    if table is not None and "tied_with_winner" in table.columns and not recorded:
+        recorded = {
+            tid: bool(v) for tid, v in zip(table.trial_id, table.tied_with_winner) if tid in scored and not pd.isna(v)
+        }
+    if recorded:
+        recorded[winner_id] = True
+        return recorded, "paired"
+    w = scored.get(winner_id)
+    if w is None:
+        return {}, "missing"
+    width = lambda r: float(r["stderr"]) if is_finite_number(r.get("stderr")) else 0.0
+    return {tid: abs(r["mean"] - w["mean"]) <= width(r) + width(w) for tid, r in scored.items()}, "overlap"
+
+
+# ---- what the export leaves, read back (the report, the MLflow back-fill) ---------------------------------------
+def read_table(experiment_dir: Path) -> pd.DataFrame | None:
+    """trials.csv, or None when the search has not finished."""
+    path = Path(experiment_dir) / TRIALS_CSV
+    return pd.read_csv(path, dtype={"trial_id": str}) if path.is_file() else None
+
+
+def read_rescores(experiment_dir: Path) -> dict[str, dict[str, Any]]:
+    path = Path(experiment_dir) / RESCORES_JSON
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def read_provenance(experiment_dir: Path) -> dict[str, Any]:
+    """best_config.yaml's provenance section ({} when there is no best config)."""
+    path = Path(experiment_dir) / BEST_CONFIG
+    if not path.is_file():
+        return {}
+    return (yaml.safe_load(path.read_text()) or {}).get("provenance") or {}
 
 
 def rank_candidates(analysis, statuses: dict[str, str], top_k: int) -> list[tuple[Any, str]]:
@@ -79,8 +157,9 @@ def rank_candidates(analysis, statuses: dict[str, str], top_k: int) -> list[tupl
     return [(trial, path) for _, trial, path in scored[:top_k]]
 
 
-def trials_table(analysis, space: SearchSpace, statuses: dict[str, str], rescores: dict[str, dict],
-                 run_ids: dict[str, str]) -> pd.DataFrame:
+def trials_table(
+    analysis, space: SearchSpace, statuses: dict[str, str], rescores: dict[str, dict], run_ids: dict[str, str]
+) -> pd.DataFrame:
     histories = analysis.trial_dataframes
     rows = []
     for trial in analysis.trials:
@@ -92,39 +171,49 @@ def trials_table(analysis, space: SearchSpace, statuses: dict[str, str], rescore
         for hp in space.hyperparameters:
             value = hp.decode(trial.config[hp.name]) if hp.name in trial.config else None
             row[hp.name] = json.dumps(list(value)) if isinstance(value, (list, tuple)) else value
-        row.update({
-            "val_bpd_last": last.get("val_bpd", math.nan),
-            "val_bpd_best": reported.replace([math.inf], math.nan).min() if len(reported) else math.nan,
-            "val_bpd_accurate": math.nan if rescore.get("failed", True) else rescore["mean"],
-            "val_bpd_accurate_stderr": rescore.get("stderr", math.nan),
-            "accurate_nfe": rescore.get("nfe", math.nan),
-            "steps": last.get("step", 0),
-            "seconds": last.get("seconds", math.nan),
-            "mlflow_run_id": run_ids.get(trial.trial_id, ""),
-            "reason": last.get("reason", "") or rescore.get("reason") or "",
-        })
+        row.update(
+            {
+                "val_bpd_last": last.get("val_bpd", math.nan),
+                "val_bpd_best": reported.replace([math.inf], math.nan).min() if len(reported) else math.nan,
+                "val_bpd_accurate": math.nan if rescore.get("failed", True) else rescore["mean"],
+                "val_bpd_accurate_stderr": rescore.get("stderr", math.nan),
+                "accurate_nfe": rescore.get("nfe", math.nan),
+                "steps": last.get("step", 0),
+                "seconds": last.get("seconds", math.nan),
+                "mlflow_run_id": run_ids.get(trial.trial_id, ""),
+                "reason": last.get("reason", "") or rescore.get("reason") or "",
+            }
+        )
         rows.append(row)
     table = pd.DataFrame(rows)
     if table.empty:
         return table
-    return table.sort_values(["val_bpd_accurate", "val_bpd_last"], na_position="last", kind="stable").reset_index(drop=True)
+    return table.sort_values(["val_bpd_accurate", "val_bpd_last"], na_position="last", kind="stable").reset_index(
+        drop=True
+    )
 
 
-def write_outputs(experiment_dir: Path, space: SearchSpace, table: pd.DataFrame, rescores: dict[str, dict],
-                  analysis, tracker) -> Export:
+def write_outputs(
+    experiment_dir: Path, space: SearchSpace, table: pd.DataFrame, rescores: dict[str, dict], analysis, tracker
+) -> Export:
     experiment_dir.mkdir(parents=True, exist_ok=True)
     export = _pick_winner(table, rescores)
     export.hyperparameter_columns = [hp.name for hp in space.hyperparameters]
     comparison = paired_to_winner(rescores, export.winner_id) if export.winner_fidelity == "accurate" else {}
-    export.tied = [tid for tid, c in comparison.items() if c["tied_with_winner"] and tid != export.winner_id]
     if len(table):
-        for column, missing in (("paired_diff", math.nan), ("paired_diff_stderr", math.nan),
-                                ("tied_with_winner", None)):
+        for column, missing in (
+            ("paired_diff", math.nan),
+            ("paired_diff_stderr", math.nan),
+            ("tied_with_winner", None),
+        ):
             table[column] = [comparison.get(tid, {}).get(column, missing) for tid in table.trial_id]
     rescores = {tid: {**r, **comparison.get(tid, {})} for tid, r in rescores.items()}
-    paths = {"trials_csv": experiment_dir / "trials.csv"}
+    if comparison:  # only paired verdicts: the summary prints each tie's paired difference
+        tied, _ = ties_with_winner(rescores, export.winner_id)
+        export.tied = [tid for tid, is_tied in tied.items() if is_tied and tid != export.winner_id]
+    paths = {"trials_csv": experiment_dir / TRIALS_CSV}
     atomic_write_text(paths["trials_csv"], table.to_csv(index=False))
-    paths["rescores"] = experiment_dir / "rescores.json"
+    paths["rescores"] = experiment_dir / RESCORES_JSON
     atomic_write_text(paths["rescores"], json.dumps(rescores, indent=2, default=str))
     run_ids = dict(zip(table.trial_id, table.mlflow_run_id)) if len(table) else {}
     for trial_id, c in comparison.items():
@@ -144,7 +233,9 @@ def write_outputs(experiment_dir: Path, space: SearchSpace, table: pd.DataFrame,
             "val_bpd_accurate_stderr": _yaml_scalar(winner_row["val_bpd_accurate_stderr"]),
             "accurate_fidelity": rescore.get("fidelity"),
             "steps_trained": int(winner_row["steps"]),
-            "checkpoint": str(analysis.get_last_checkpoint(trial).path) if analysis.get_last_checkpoint(trial) else None,
+            "checkpoint": str(analysis.get_last_checkpoint(trial).path)
+            if analysis.get_last_checkpoint(trial)
+            else None,
             "mlflow_tracking_uri": tracker.tracking_uri,
             "mlflow_experiment_id": tracker.experiment_id,
             "mlflow_parent_run_id": tracker.parent_run_id,
@@ -152,43 +243,42 @@ def write_outputs(experiment_dir: Path, space: SearchSpace, table: pd.DataFrame,
             "space_file": space.source,
             "space_sha256": space.sha256,
             "code_version": code_version(),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
-        paths["best_config"] = experiment_dir / "best_config.yaml"
-        header = (f"# Best config of tuning experiment '{space.name}' (trial {export.winner_id}).\n"
-                  f"# Full run: python train.py --config {paths['best_config']}\n")
+        paths["best_config"] = experiment_dir / BEST_CONFIG
+        header = (
+            f"# Best config of tuning experiment '{space.name}' (trial {export.winner_id}).\n"
+            f"# Full run: python train.py --config {paths['best_config']}\n"
+        )
         atomic_write_text(paths["best_config"], header + yaml.safe_dump(config, sort_keys=False))
         artifacts.append(paths["best_config"])
     tracker.log_summary(
-        metrics={"best_val_bpd_fast": table["val_bpd_last"].min() if len(table) else math.nan,
-                 "best_val_bpd_accurate": export.winner_bpd if export.winner_fidelity == "accurate" else math.nan,
-                 "trials": len(table)},
+        metrics={
+            "best_val_bpd_fast": table["val_bpd_last"].min() if len(table) else math.nan,
+            "best_val_bpd_accurate": export.winner_bpd if export.winner_fidelity == "accurate" else math.nan,
+            "trials": len(table),
+        },
         tags={"winner_trial_id": export.winner_id or "none"},
-        artifacts=artifacts)
+        artifacts=artifacts,
+    )
     export.paths = paths
     return export
 
 
 def _pick_winner(table: pd.DataFrame, rescores: dict[str, dict]) -> Export:
-    """The best accurate re-score wins, so the winner is not picked by the fast estimate's noise."""
-    good = {tid: r["mean"] for tid, r in rescores.items() if not r.get("failed") and is_finite_number(r.get("mean"))}
-    if good:
-        tid = min(good, key=good.get)
-        return Export(tid, good[tid], "accurate")
-    finite = table[table["val_bpd_last"].map(is_finite_number)] if len(table) else table
-    if len(finite):
-        row = finite.sort_values("val_bpd_last").iloc[0]
-        return Export(row["trial_id"], float(row["val_bpd_last"]), "fast")
-    return Export("", math.nan, "none")
+    rows = zip(table.trial_id, table.status, table.val_bpd_last) if len(table) else ()
+    picked = pick_winner(rescores, rows)
+    return Export(*picked) if picked else Export("", math.nan, "none")
 
 
-def fill_mlflow_ids(experiment_dir: Path, experiment_id: str | None, parent_run_id: str | None,
-                    run_ids: dict[str, str]) -> list[Path]:
+def fill_mlflow_ids(
+    experiment_dir: Path, experiment_id: str | None, parent_run_id: str | None, run_ids: dict[str, str]
+) -> list[Path]:
     """Fill in the MLflow ids that an export written while the tracking store was down could not know yet
     (trials.csv's mlflow_run_id, best_config.yaml's provenance); only empty ones, nothing else is touched.
     Returns the files it changed."""
     changed = []
-    table = experiment_dir / "trials.csv"
+    table = experiment_dir / TRIALS_CSV
     if table.exists():
         with open(table, newline="") as f:
             rows = list(csv.reader(f))
@@ -198,17 +288,19 @@ def fill_mlflow_ids(experiment_dir: Path, experiment_id: str | None, parent_run_
             for row in missing:
                 row[rid] = run_ids[row[tid]]
             if missing:
-                with open(table.with_suffix(".csv.tmp"), "w", newline="") as f:
+                with atomic_path(table) as tmp, open(tmp, "w", newline="") as f:
                     csv.writer(f, lineterminator="\n").writerows(rows)  # the quoting pandas wrote
-                table.with_suffix(".csv.tmp").replace(table)
                 changed.append(table)
-    best = experiment_dir / "best_config.yaml"
+    best = experiment_dir / BEST_CONFIG
     if best.exists():
         text = best.read_text()
         config = yaml.safe_load(text)
         provenance = config.get("provenance") or {}
-        wanted = {"mlflow_experiment_id": experiment_id, "mlflow_parent_run_id": parent_run_id,
-                  "mlflow_run_id": run_ids.get(str(provenance.get("trial_id")))}
+        wanted = {
+            "mlflow_experiment_id": experiment_id,
+            "mlflow_parent_run_id": parent_run_id,
+            "mlflow_run_id": run_ids.get(str(provenance.get("trial_id"))),
+        }
         updates = {k: v for k, v in wanted.items() if v and not provenance.get(k)}
         if updates:
             provenance.update(updates)
@@ -222,8 +314,13 @@ def code_version() -> str:
     """The git commit of this checkout when there is one (with -dirty), else the installed version."""
     here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=here,
-                             capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         if out.returncode == 0 and out.stdout.strip():
             return f"git:{out.stdout.strip()}"
     except (OSError, subprocess.SubprocessError):
@@ -232,8 +329,6 @@ def code_version() -> str:
         return f"vpsde-tune {importlib.metadata.version('vpsde-tune')}"
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
-
-
 
 
 def _yaml_scalar(value: Any) -> Any:

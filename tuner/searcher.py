@@ -25,13 +25,15 @@ from __future__ import annotations
 import math
 import pickle
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import TrialState
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.schedulers import TrialScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher
+
+from tuner.search_tables import SCHEDULERS, SEARCH_ALGORITHMS
 
 METRIC = "val_bpd"  # what every trial reports at each rung, and what the search minimises
 MODE = "min"
@@ -49,47 +51,38 @@ def optuna_storage(experiment_dir) -> str:
 
 
 # ---- the one place a space's search settings become Ray Tune objects ------------------------------------------
-# search.algorithm -> an Optuna sampler (seed, startup trials); a new algorithm is one entry here.
-SAMPLERS: dict[str, Callable[[int, int], optuna.samplers.BaseSampler]] = {
-    # constant_liar: running trials count as bad guesses, so concurrent asks do not land on the same point.
-    "tpe": lambda seed, startup: optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True,
-                                                            constant_liar=True),
-    "gp": lambda seed, startup: optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup),
-    "random": lambda seed, startup: optuna.samplers.RandomSampler(seed=seed),
-}
-
-# search.scheduler -> a Tune scheduler (full trial length in steps, grace period, reduction factor).
-SCHEDULERS: dict[str, Callable[[int, int, int], TrialScheduler]] = {
-    "asha": lambda full_steps, grace, factor: ASHAScheduler(time_attr="step", max_t=full_steps, grace_period=grace,
-                                                            reduction_factor=factor),
-    "fifo": lambda full_steps, grace, factor: FIFOScheduler(),
-}
-
-
+# The names a space may use are the entries of tuner/search_tables.py; a new algorithm or scheduler is one entry there.
 def make_sampler(algorithm: str, seed: int, startup_trials: int) -> optuna.samplers.BaseSampler:
     """The Optuna sampler behind `search.algorithm`."""
-    if algorithm not in SAMPLERS:
-        raise ValueError(f"algorithm must be one of {', '.join(SAMPLERS)}, got {algorithm!r}")
-    return SAMPLERS[algorithm](seed, startup_trials)
+    if algorithm not in SEARCH_ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {', '.join(SEARCH_ALGORITHMS)}, got {algorithm!r}")
+    return SEARCH_ALGORITHMS[algorithm].sampler(seed, startup_trials)
 
 
 def make_scheduler(name: str, full_steps: int, grace_period: int, reduction_factor: int) -> TrialScheduler:
     """The Tune scheduler behind `search.scheduler`."""
     if name not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {name!r}")
-    return SCHEDULERS[name](full_steps, grace_period, reduction_factor)
+    return SCHEDULERS[name].build(full_steps, grace_period, reduction_factor)
 
 
-def build_search(space: "SearchSpace", experiment_dir: Path) -> tuple[Searcher, TrialScheduler]:
+def build_search(space: SearchSpace, experiment_dir: Path) -> tuple[Searcher, TrialScheduler]:
     """The searcher (Optuna study in the experiment folder, at most max_concurrent trials at once) and the
     scheduler of a search space."""
     s, full_steps = space.search, space.base_config.train.steps
     searcher = ConcurrencyLimiter(
-        OptunaSearcher(space.to_optuna(), make_sampler(s.algorithm, s.seed, s.startup_trials),
-                       metric=METRIC, mode=MODE, full_steps=full_steps, study_name=space.name,
-                       storage=optuna_storage(experiment_dir),
-                       points_to_evaluate=[dict(p) for p in space.points_to_evaluate]),
-        max_concurrent=s.max_concurrent)
+        OptunaSearcher(
+            space.to_optuna(),
+            make_sampler(s.algorithm, s.seed, s.startup_trials),
+            metric=METRIC,
+            mode=MODE,
+            full_steps=full_steps,
+            study_name=space.name,
+            storage=optuna_storage(experiment_dir),
+            points_to_evaluate=[dict(p) for p in space.points_to_evaluate],
+        ),
+        max_concurrent=s.max_concurrent,
+    )
     return searcher, make_scheduler(s.scheduler, full_steps, s.grace_period, s.reduction_factor)
 
 
@@ -107,9 +100,19 @@ def outcome(result: dict[str, Any] | None, full_steps: int, metric: str, error: 
 
 
 class OptunaSearcher(Searcher):
-    def __init__(self, space: dict[str, BaseDistribution], sampler: optuna.samplers.BaseSampler, *,
-                 metric: str, mode: str, full_steps: int, study_name: str, storage: str | None = None,
-                 points_to_evaluate: list[dict[str, Any]] | None = None, step_attr: str = "step"):
+    def __init__(
+        self,
+        space: dict[str, BaseDistribution],
+        sampler: optuna.samplers.BaseSampler,
+        *,
+        metric: str,
+        mode: str,
+        full_steps: int,
+        study_name: str,
+        storage: str | None = None,
+        points_to_evaluate: list[dict[str, Any]] | None = None,
+        step_attr: str = "step",
+    ):
         super().__init__(metric=metric, mode=mode)
         self._space = dict(space)
         self._sampler = sampler
@@ -130,16 +133,26 @@ class OptunaSearcher(Searcher):
     def study(self) -> optuna.Study:
         if self._study is None:
             direction = "minimize" if self._mode == "min" else "maximize"
-            self._study = optuna.create_study(storage=self._storage, study_name=self._study_name,
-                                              sampler=self._sampler, direction=direction, load_if_exists=True)
+            self._study = optuna.create_study(
+                storage=self._storage,
+                study_name=self._study_name,
+                sampler=self._sampler,
+                direction=direction,
+                load_if_exists=True,
+            )
         return self._study
 
     def _trial(self, trial_id: str) -> optuna.Trial | None:
         number = self._trial_numbers.get(trial_id)
         if number is None:
             return None
-        frozen = self.study.trials[number]
-        return optuna.Trial(self.study, frozen._trial_id)
+        return optuna.Trial(self.study, self._frozen(number)._trial_id)
+
+    def _frozen(self, number: int) -> optuna.trial.FrozenTrial:
+        # One trial from the storage: `study.trials` copies (from SQLite: reads) every trial of the study, a
+        # cost that grows with the search and was paid three times per report.
+        storage = self.study._storage
+        return storage.get_trial(storage.get_trial_id_from_study_id_trial_number(self.study._study_id, number))
 
     # ---- Ray Tune's Searcher interface ----------------------------------------------------------
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
@@ -153,14 +166,14 @@ class OptunaSearcher(Searcher):
         value, step = result.get(self._metric), result.get(self._step_attr)
         if trial is None or step is None or not isinstance(value, (int, float)) or not math.isfinite(value):
             return
-        frozen = self.study.trials[trial.number]
+        frozen = self._frozen(trial.number)
         # A trial restored from its checkpoint reports its last rung again; Optuna keeps the first value.
         if frozen.state == TrialState.RUNNING and int(step) not in frozen.intermediate_values:
             trial.report(float(value), int(step))
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         number = self._trial_numbers.get(trial_id)
-        if number is None or self.study.trials[number].state != TrialState.RUNNING:
+        if number is None or self._frozen(number).state != TrialState.RUNNING:
             return
         if result:
             self.on_trial_result(trial_id, result)

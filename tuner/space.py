@@ -26,7 +26,7 @@ from typing import Any
 
 from trials.cli import UserError
 from trials.config import ConfigError, TrialConfig, build_dataclass, field_paths, read_yaml, set_dotted
-from tuner.searcher import SAMPLERS, SCHEDULERS
+from tuner.search_tables import SCHEDULERS, SEARCH_ALGORITHMS
 
 # The seed's five hyperparameters by their familiar names.
 SHORT_NAMES = {
@@ -57,19 +57,78 @@ class Hyperparameter:
         return [_label(v) for v in self.values]
 
     def decode(self, sampled: Any) -> Any:
-        if self.kind != "choice":
+        if not self.is_choice:
             return sampled
         for value in self.values:
             if _label(value) == sampled:
                 return value
         raise KeyError(f"{self.name}: {sampled!r} is not one of the choices")
 
+    # Every rule that depends on the kind lives here, so a caller never branches on `kind` itself.
+    @property
+    def is_choice(self) -> bool:
+        return self.kind == "choice"
+
+    @property
+    def log_scale(self) -> bool:
+        """True when the range is searched (and best plotted) on a log axis."""
+        return self.kind == "loguniform"
+
+    def contains(self, value: Any) -> bool:
+        """Whether `value`, as written in a space file, is one of the choices or a number in the range."""
+        if self.is_choice:
+            return _label(value) in self.labels()
+        return not isinstance(value, bool) and isinstance(value, (int, float)) and self.low <= value <= self.high
+
+    def middle(self) -> Any:
+        """A representative value, as the searcher sees it: the middle choice, or the middle of the range
+        (geometric on a log scale, rounded down for integers)."""
+        if self.is_choice:
+            return self.labels()[len(self.values) // 2]
+        if self.log_scale:
+            return math.sqrt(self.low * self.high)
+        if self.kind == "randint":
+            return int((self.low + self.high) // 2)
+        return (self.low + self.high) / 2
+
+    def probes(self) -> list[Any]:
+        """The values that must all make a valid config: every choice, or both ends of the range."""
+        if self.is_choice:
+            return list(self.values)
+        if self.kind == "randint":
+            return [int(self.low), int(self.high)]
+        return [self.low, self.high]
+
+    def describe(self) -> str:
+        """'loguniform [1e-05, 0.01]', 'choice [16, 32]'."""
+        return f"{self.kind} {list(self.values) if self.is_choice else [self.low, self.high]}"
+
+    def distribution(self):
+        """The Optuna distribution Optuna's samplers draw it from."""
+        import optuna.distributions as od
+
+        if self.is_choice:
+            return od.CategoricalDistribution(self.labels())
+        if self.kind == "randint":
+            return od.IntDistribution(int(self.low), int(self.high))
+        return od.FloatDistribution(self.low, self.high, log=self.log_scale)
+
+    def ray_domain(self):
+        """The same as a Ray Tune search domain."""
+        from ray import tune
+
+        if self.is_choice:
+            return tune.choice(self.labels())
+        if self.kind == "randint":
+            return tune.randint(int(self.low), int(self.high) + 1)  # Ray's upper bound is exclusive
+        return (tune.loguniform if self.log_scale else tune.uniform)(self.low, self.high)
+
 
 @dataclass(frozen=True)
 class SearchSettings:
-    algorithm: str = "tpe"  # an Optuna sampler: tpe | gp | random (tuner/searcher.py)
+    algorithm: str = "tpe"  # an Optuna sampler: tpe | gp | random (tuner/search_tables.py)
     startup_trials: int = 10  # random trials before TPE or GP model the results (Optuna's default)
-    scheduler: str = "asha"  # asha | fifo
+    scheduler: str = "asha"  # asha | fifo (tuner/search_tables.py)
     num_samples: int = 16
     max_concurrent: int = 2
     seed: int = 0
@@ -117,34 +176,10 @@ class SearchSpace:
         return TrialConfig.from_dict(self.fixed)
 
     def to_optuna(self) -> dict[str, Any]:
-        import optuna.distributions as od
-
-        out = {}
-        for hp in self.hyperparameters:
-            if hp.kind == "loguniform":
-                out[hp.name] = od.FloatDistribution(hp.low, hp.high, log=True)
-            elif hp.kind == "uniform":
-                out[hp.name] = od.FloatDistribution(hp.low, hp.high)
-            elif hp.kind == "randint":
-                out[hp.name] = od.IntDistribution(int(hp.low), int(hp.high))
-            else:
-                out[hp.name] = od.CategoricalDistribution(hp.labels())
-        return out
+        return {hp.name: hp.distribution() for hp in self.hyperparameters}
 
     def to_ray(self) -> dict[str, Any]:
-        from ray import tune
-
-        out = {}
-        for hp in self.hyperparameters:
-            if hp.kind == "loguniform":
-                out[hp.name] = tune.loguniform(hp.low, hp.high)
-            elif hp.kind == "uniform":
-                out[hp.name] = tune.uniform(hp.low, hp.high)
-            elif hp.kind == "randint":
-                out[hp.name] = tune.randint(int(hp.low), int(hp.high) + 1)  # Ray's upper bound is exclusive
-            else:
-                out[hp.name] = tune.choice(hp.labels())
-        return out
+        return {hp.name: hp.ray_domain() for hp in self.hyperparameters}
 
 
 # ---- loading -------------------------------------------------------------------------------------
@@ -198,8 +233,8 @@ def parse_space(raw: dict[str, Any], where: str, sha256: str = "", default_name:
         search_raw["startup_trials"] = search_raw.pop("tpe_startup_trials")  # the name before GP joined TPE
     search = _parse_section(SearchSettings, search_raw, "search", fail)
     points = _parse_points(points_raw, hyperparameters, fixed, fail)
-    if search.algorithm not in SAMPLERS:
-        fail("search.algorithm", f"must be one of {', '.join(SAMPLERS)}, got {search.algorithm!r}")
+    if search.algorithm not in SEARCH_ALGORITHMS:
+        fail("search.algorithm", f"must be one of {', '.join(SEARCH_ALGORITHMS)}, got {search.algorithm!r}")
     if search.scheduler not in SCHEDULERS:
         fail("search.scheduler", f"must be one of {', '.join(SCHEDULERS)}, got {search.scheduler!r}")
     for key in ("num_samples", "max_concurrent", "top_k", "grace_period", "startup_trials"):
@@ -213,8 +248,11 @@ def parse_space(raw: dict[str, Any], where: str, sha256: str = "", default_name:
         fail("search.time_budget_s", f"must be > 0, got {search.time_budget_s}")
     train = TrialConfig.from_dict(fixed).train
     if search.grace_period < train.val_every:
-        fail("search.grace_period", f"must be >= fixed.train.val_every ({train.val_every}): "
-             "ASHA can only stop a trial at a step where it reports")
+        fail(
+            "search.grace_period",
+            f"must be >= fixed.train.val_every ({train.val_every}): "
+            "ASHA can only stop a trial at a step where it reports",
+        )
     if search.grace_period > train.steps:
         fail("search.grace_period", f"must be <= fixed.train.steps ({train.steps})")
 
@@ -230,7 +268,10 @@ def _parse_hyperparameter(name: str, spec: Any, known_paths: dict[str, Any], fai
     where = f"hyperparameters.{name}"
     path = SHORT_NAMES.get(name, name)
     if path not in known_paths:
-        fail(where, f"unknown hyperparameter (use one of {', '.join(SHORT_NAMES)} or a config field such as model.dropout)")
+        fail(
+            where,
+            f"unknown hyperparameter (use one of {', '.join(SHORT_NAMES)} or a config field such as model.dropout)",
+        )
     if not isinstance(spec, dict):
         fail(where, "must be a mapping like {type: loguniform, low: 1e-5, high: 1e-2}")
     kind = spec.get("type")
@@ -284,11 +325,13 @@ def _parse_points(raw: Any, hyperparameters: list[Hyperparameter], fixed: dict[s
             hp = by_name.get(name)
             if hp is None:
                 fail(f"{where}.{name}", f"not a hyperparameter of this space (have: {', '.join(by_name)})")
-            if hp.kind == "choice":
-                if _label(value) not in hp.labels():
-                    fail(f"{where}.{name}", f"{value!r} is not one of the choices {list(hp.values)}")
-            elif isinstance(value, bool) or not isinstance(value, (int, float)) or not hp.low <= value <= hp.high:
-                fail(f"{where}.{name}", f"must be a number in [{hp.low}, {hp.high}], got {value!r}")
+            if not hp.contains(value):
+                fail(
+                    f"{where}.{name}",
+                    f"{value!r} is not one of the choices {list(hp.values)}"
+                    if hp.is_choice
+                    else f"must be a number in [{hp.low}, {hp.high}], got {value!r}",
+                )
             labelled[name] = _label(value)
         # Optuna's warm start needs every hyperparameter; the unnamed ones take a neutral default.
         for hp in hyperparameters:
@@ -298,24 +341,16 @@ def _parse_points(raw: Any, hyperparameters: list[Hyperparameter], fixed: dict[s
 
 
 def _default_point(hp: Hyperparameter, fixed: dict[str, Any]) -> Any:
-    """The fixed config's value when the range allows it, else the range's (geometric) middle or first choice."""
+    """The fixed config's value when the range allows it, else the first choice or the range's middle."""
     value = TrialConfig.from_dict(fixed).flat()[hp.path]
-    if hp.kind == "choice":
-        return _label(value) if _label(value) in hp.labels() else hp.labels()[0]
-    if hp.low <= value <= hp.high:
-        return value
-    if hp.kind == "loguniform":
-        return math.sqrt(hp.low * hp.high)
-    middle = (hp.low + hp.high) / 2
-    return int(middle) if hp.kind == "randint" else middle
+    if hp.contains(value):
+        return _label(value)
+    return hp.labels()[0] if hp.is_choice else hp.middle()
 
 
 def _check_values_fit_the_model(hp: Hyperparameter, fixed: dict[str, Any], fail) -> None:
     """Build a TrialConfig at every choice (or at both bounds) so a bad value fails now, not in trial 17."""
-    probes = list(hp.values) if hp.kind == "choice" else [hp.low, hp.high]
-    if hp.kind == "randint":
-        probes = [int(v) for v in probes]
-    for value in probes:
+    for value in hp.probes():
         tree = copy.deepcopy(fixed)
         set_dotted(tree, hp.path, value)
         try:

@@ -42,14 +42,20 @@ def sync_folder(folder: Path) -> bool:
     if done:
         print(f"{folder}: everything has reached MLflow", flush=True)
     else:
-        print(f"{folder}: {outbox.pending} MLflow records still unsent, kept in {outbox.path}"
-              + (f"; {outbox.rejected} refused, kept in {outbox.rejected_path}" if outbox.rejected else ""), flush=True)
+        print(
+            f"{folder}: {outbox.pending} MLflow records still unsent, kept in {outbox.path}"
+            + (f"; {outbox.rejected} refused, kept in {outbox.rejected_path}" if outbox.rejected else ""),
+            flush=True,
+        )
     return done
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = OneLineArgumentParser(prog=PROG, description="Send the MLflow records a tracking outage left in "
-                              f"{OUTBOX_FILE} (an experiment folder, or a full run's folder).")
+    p = OneLineArgumentParser(
+        prog=PROG,
+        description="Send the MLflow records a tracking outage left in "
+        f"{OUTBOX_FILE} (an experiment folder, or a full run's folder).",
+    )
     p.add_argument("folders", nargs="+", type=Path, metavar="FOLDER")
     args = p.parse_args(argv)
     for folder in args.folders:

@@ -1,8 +1,9 @@
 """MLflow tracking from the driver: one parent run per tuning experiment, one child run per trial.
 
 Only the driver process writes to MLflow, so a local SQLite store never sees two writers. Every write goes
-through the experiment folder's `Outbox` (tuner/outbox.py): a tracking store that stops answering costs the
-search a few seconds once, not the search, and what it missed is sent when it answers again.
+through the experiment folder's `Outbox` (tuner/outbox.py), sent by its background sender: Tune's callback only
+appends to a local journal, so neither a slow tracking store nor one that stops answering slows the search, and
+what it missed is sent when it answers again.
 
 The ids that tie MLflow to the Tune experiment live in `<experiment dir>/mlflow.json` (the store's URI, the
 experiment and parent run ids, the trials' child run ids, and the parent's last status); on `--resume` the same
@@ -15,14 +16,24 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from trials.files import atomic_write_text
 from tuner.mlflow_runs import (
-    MLFLOW_EXPERIMENT, ROLE_TAG, ROLE_TUNING, TRIAL_ID_TAG, artifact_location, is_finite_number, param_value,
+    MLFLOW_EXPERIMENT,
+    ROLE_TAG,
+    ROLE_TUNING,
+    TRIAL_ID_TAG,
+    artifact_location,
+    completion_status,
+    is_finite_number,
+    param_value,  # noqa: F401 - trial_status: the driver and tests import it from here
+    trial_run_name,
 )
 from tuner.outbox import Outbox, new_key, now_ms
 
@@ -31,7 +42,7 @@ METRIC_KEYS = ("train_loss", "val_dsm", "val_bpd", "val_bpd_stderr", "nfe", "eva
 
 # One tracker per experiment folder and store in this process: the driver and Tune's callback share its outbox,
 # so their records stay in one order.
-_OPEN: dict[tuple[str, str], "ExperimentTracker"] = {}
+_OPEN: dict[tuple[str, str], ExperimentTracker] = {}
 
 
 def read_state(experiment_dir: Path) -> dict[str, Any]:
@@ -40,17 +51,21 @@ def read_state(experiment_dir: Path) -> dict[str, Any]:
 
 
 class ExperimentTracker:
-    def __init__(self, tracking_uri: str, experiment_dir: Path, run_name: str, *, reopen: bool = True):
+    def __init__(
+        self, tracking_uri: str, experiment_dir: Path, run_name: str, *, reopen: bool = True, background: bool = False
+    ):
         """The experiment's parent run: reopened (set RUNNING) when mlflow.json names one in this store, else
-        created. `reopen=False` only attaches to what mlflow.json names (for sending what is unsent)."""
+        created. `reopen=False` only attaches to what mlflow.json names (for sending what is unsent).
+        `background`: records are sent by the outbox's sender thread, never by the caller."""
         self.tracking_uri = tracking_uri
         self.experiment_dir = Path(experiment_dir)
         self.state_path = self.experiment_dir / STATE_FILE
-        self.outbox = Outbox(self.experiment_dir, tracking_uri)
+        self.outbox = Outbox(self.experiment_dir, tracking_uri, background=background)
+        self._save_lock = threading.RLock()  # the sender's thread learns run ids while the driver saves its status
         self.outbox.on_resolved(self._resolved)
         state = read_state(self.experiment_dir)
         self._child_keys: dict[str, str] = {}  # trial_id -> child run key, for the trials seen in this process
-        self._last_step: dict[str, int] = {}  # child run key -> the last step its run holds
+        self._last_step: dict[str, int] = {}  # child run key -> the last step logged by this process
         self._client: MlflowClient | None = None
         if state.get("tracking_uri") == tracking_uri:
             self._state = state
@@ -68,29 +83,41 @@ class ExperimentTracker:
                     self._create_parent(run_name)
         else:
             self.parent_key = new_key()
-            self._state = {"tracking_uri": tracking_uri, "experiment_id": None, "parent_run_id": None,
-                           "parent_key": self.parent_key, "child_runs": {}, "status": "RUNNING"}
+            self._state = {
+                "tracking_uri": tracking_uri,
+                "experiment_id": None,
+                "parent_run_id": None,
+                "parent_key": self.parent_key,
+                "child_runs": {},
+                "status": "RUNNING",
+            }
             self._save()
             self._create_parent(run_name)
 
     @classmethod
-    def open(cls, tracking_uri: str, experiment_dir: Path, run_name: str) -> "ExperimentTracker":
-        """This process's tracker for the experiment (created, or reopened from mlflow.json, on first use)."""
+    def open(cls, tracking_uri: str, experiment_dir: Path, run_name: str) -> ExperimentTracker:
+        """This process's tracker for the running experiment (created, or reopened from mlflow.json, on first
+        use), sending in the background."""
         key = (tracking_uri, str(Path(experiment_dir).resolve()))
         if key not in _OPEN:
-            _OPEN[key] = cls(tracking_uri, experiment_dir, run_name)
+            _OPEN[key] = cls(tracking_uri, experiment_dir, run_name, background=True)
         return _OPEN[key]
 
     @classmethod
-    def attach(cls, experiment_dir: Path) -> "ExperimentTracker":
+    def attach(cls, experiment_dir: Path) -> ExperimentTracker:
         """The tracker of an experiment that is not running, to send what it left unsent; starts nothing."""
         state = read_state(experiment_dir)
         return cls(state["tracking_uri"], experiment_dir, "", reopen=False)
 
     def _create_parent(self, run_name: str) -> None:
-        self.outbox.create_run(self.parent_key, experiment=MLFLOW_EXPERIMENT, name=run_name,
-                               tags={ROLE_TAG: ROLE_TUNING}, reopen=True,
-                               artifact_location=artifact_location(self.tracking_uri))
+        self.outbox.create_run(
+            self.parent_key,
+            experiment=MLFLOW_EXPERIMENT,
+            name=run_name,
+            tags={ROLE_TAG: ROLE_TUNING},
+            reopen=True,
+            artifact_location=artifact_location(self.tracking_uri),
+        )
 
     @property
     def client(self) -> MlflowClient:
@@ -117,19 +144,19 @@ class ExperimentTracker:
         return f"{self.parent_key}/{trial_id}"
 
     def _resolved(self, key: str, run_id: str, experiment_id: str) -> None:
-        if key == self.parent_key:
-            self._state.update(parent_run_id=run_id, experiment_id=experiment_id)
-        elif key.startswith(self.parent_key + "/"):
-            self._state.setdefault("child_runs", {})[key[len(self.parent_key) + 1:]] = run_id
-        else:
-            return
-        self._save()
+        with self._save_lock:
+            if key == self.parent_key:
+                self._state.update(parent_run_id=run_id, experiment_id=experiment_id)
+            elif key.startswith(self.parent_key + "/"):
+                self._state.setdefault("child_runs", {})[key[len(self.parent_key) + 1 :]] = run_id
+            else:
+                return
+            self._save()
 
     def _save(self) -> None:
-        self.experiment_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self._state, indent=2))
-        tmp.replace(self.state_path)
+        with self._save_lock:
+            self.experiment_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.state_path, json.dumps(self._state, indent=2))
 
     # ---- parent run ----------------------------------------------------------------------------------
     def log_experiment(self, params: dict[str, Any], tags: dict[str, str]) -> None:
@@ -139,8 +166,11 @@ class ExperimentTracker:
     def log_summary(self, metrics: dict[str, float], tags: dict[str, str], artifacts: list[Path]) -> None:
         """Metrics and tags on the parent run, and files or folders attached to it."""
         now = now_ms()
-        self.outbox.log_batch(self.parent_key, metrics=[(k, float(v), now, 0) for k, v in metrics.items() if is_finite_number(v)],
-                              tags=tags)
+        self.outbox.log_batch(
+            self.parent_key,
+            metrics=[(k, float(v), now, 0) for k, v in metrics.items() if is_finite_number(v)],
+            tags=tags,
+        )
         for path in artifacts:
             self.outbox.log_artifact(self.parent_key, Path(path))
 
@@ -149,13 +179,14 @@ class ExperimentTracker:
         self.outbox.set_experiment_tag(MLFLOW_EXPERIMENT, key, value)
 
     def log_report(self, files: list[Path]) -> None:
-        """The experiment report (tuner/report.py) under the parent run's report/ folder."""
+        """The experiment report (tuner/report/) under the parent run's report/ folder."""
         for path in files:
             self.outbox.log_artifact(self.parent_key, Path(path), artifact_path="report")
 
     def finish(self, status: str) -> None:
-        self._state["status"] = status
-        self._save()
+        with self._save_lock:
+            self._state["status"] = status
+            self._save()
         self.outbox.terminate(self.parent_key, status)
 
     def flush(self) -> bool:
@@ -170,54 +201,63 @@ class ExperimentTracker:
         Returns its run id, or, while the store has not created it yet, the key later calls name it by."""
         if trial_id not in self._child_keys:
             key = self._child_keys[trial_id] = self._child_key(trial_id)
-            self.outbox.create_run(key, experiment=MLFLOW_EXPERIMENT, name=trial_name, parent=self.parent_key,
-                                   find_tags={TRIAL_ID_TAG: trial_id}, reopen=True,
-                                   tags={TRIAL_ID_TAG: trial_id, ROLE_TAG: "trial", "status": "running"},
-                                   params={k: param_value(v) for k, v in params.items()})
+            self.outbox.create_run(
+                key,
+                experiment=MLFLOW_EXPERIMENT,
+                name=trial_name,
+                parent=self.parent_key,
+                find_tags={TRIAL_ID_TAG: trial_id},
+                reopen=True,
+                tags={TRIAL_ID_TAG: trial_id, ROLE_TAG: "trial", "status": "running"},
+                params={k: param_value(v) for k, v in params.items()},
+            )
         return self.outbox.ref(self._child_keys[trial_id])
+
+    def child_ref(self, trial_id: str) -> str | None:
+        """The ref of a child run this process has already asked for, else None."""
+        key = self._child_keys.get(trial_id)
+        return None if key is None else self.outbox.ref(key)
 
     def child_run_ids(self) -> dict[str, str]:
         """trial_id -> child run id for the trials that have one (those the store has not created yet have none)."""
         ids = dict(self._state.get("child_runs", {}))
         parent = self.parent_run_id
         if parent and self.experiment_id:
-            runs = self.outbox.read(lambda client: client.search_runs(
-                [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=10_000), [],
-                what=f"listing the child runs of {parent}")
+            runs = self.outbox.read(
+                lambda client: client.search_runs(
+                    [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=10_000
+                ),
+                [],
+                what=f"listing the child runs of {parent}",
+            )
             ids.update({r.data.tags[TRIAL_ID_TAG]: r.info.run_id for r in runs if TRIAL_ID_TAG in r.data.tags})
         return ids
 
     def log_rung(self, run_id: str, result: dict[str, Any]) -> None:
+        """One rung of a trial, from Tune's callback: appended to the journal, never waiting for the store.
+
+        A rung the run already holds is not logged again: a trial restored in this process from the checkpoint
+        before a rung reports it again (checked here), and so does every trial of a driver killed after logging
+        a rung but before Tune saved its state (checked by the sender against the store: `new_steps_of`)."""
         step, now = int(result.get("step", 0)), now_ms()
         key = self.outbox.key_of(run_id) or run_id
-        if key not in self._last_step:
-            self._last_step[key] = self._logged_up_to(run_id)
-        if step <= self._last_step[key]:
-            # A rung the run already holds: a driver killed after logging it but before Tune saved its state
-            # resumes the trial from the checkpoint before, and the trial reports that rung again.
+        if step <= self._last_step.get(key, -1):
             return
         self._last_step[key] = step
         metrics = [(k, float(result[k]), now, step) for k in METRIC_KEYS if k in result and is_finite_number(result[k])]
         tags = {"reason": str(result["reason"])} if result.get("reason") else {}
         if result.get("precision"):  # what train.precision resolved to on the trial's device
             tags["precision"] = str(result["precision"])
-        self.outbox.log_batch(run_id, metrics=metrics, tags=tags)
-
-    def _logged_up_to(self, ref: str) -> int:
-        """The last step the run holds on the store (-1: none, or the store cannot say right now)."""
-        run_id = self.outbox.run_id(ref)
-        if run_id is None:
-            return -1
-        history = self.outbox.read(lambda client: client.get_metric_history(run_id, "seconds"), [],
-                                   what=f"reading the steps of run {run_id}")
-        return max((m.step for m in history), default=-1)
+        self.outbox.log_batch(run_id, metrics=metrics, tags=tags, new_steps_of="seconds")
 
     def log_comparison(self, run_id: str, diff: float, stderr: float, tied: bool) -> None:
         """A re-scored trial's paired difference to the winner (see tuner.export.paired_to_winner)."""
         now = now_ms()
-        self.outbox.log_batch(run_id, metrics=[("paired_diff_to_winner", diff, now, 0),
-                                               ("paired_diff_to_winner_stderr", stderr, now, 0)],
-                              tags={"tied_with_winner": str(tied).lower()})
+        self.outbox.log_batch(
+            run_id,
+            metrics=[("paired_diff_to_winner", diff, now, 0), ("paired_diff_to_winner_stderr", stderr, now, 0)],
+            tags={"tied_with_winner": str(tied).lower()},
+        )
 
     def finish_trial(self, run_id: str, status: str, reason: str = "") -> None:
         tags = {"status": status, **({"reason": reason[:4000]} if reason else {})}
@@ -249,8 +289,12 @@ class MlflowTrialLogger(tune.Callback):
         return self._tracker
 
     def _run_id(self, trial) -> str:
-        params = {"trial_id": trial.trial_id, **self.space.trial_config(trial.config).flat()}
-        return self.tracker.child_run(trial.trial_id, str(trial), params)
+        known = self.tracker.child_ref(trial.trial_id)
+        if known is not None:  # every report but a trial's first: no config to build in Tune's loop
+            return known
+        flat = self.space.trial_config(trial.config).flat()
+        name = trial_run_name({hp.name: flat[hp.path] for hp in self.space.hyperparameters}, trial.trial_id)
+        return self.tracker.child_run(trial.trial_id, name, {"trial_id": trial.trial_id, **flat})
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._run_id(trial)
@@ -267,28 +311,6 @@ class MlflowTrialLogger(tune.Callback):
         self.tracker.finish_trial(self._run_id(trial), "errored", _error_summary(trial))
 
 
-def completion_status(last_result: dict[str, Any], max_steps: int) -> str:
-    """How a trial that ended without an exception ended.
-
-    "stopped early" is ASHA's verdict or the experiment's time budget; "not started" is a trial the
-    budget ended before its first report.
-    """
-    if last_result.get("diverged"):
-        return "diverged"
-    if "step" not in last_result:
-        return "not started"
-    return "completed" if int(last_result["step"]) >= max_steps else "stopped early"
-
-
-def trial_status(trial, max_steps: int) -> str:
-    """Status words for any trial in a finished or interrupted experiment (the table and MLflow agree)."""
-    if trial.status == "ERROR":
-        return "errored"
-    if trial.status == "TERMINATED":
-        return completion_status(trial.last_result or {}, max_steps)
-    return "interrupted"
-
-
 def _error_summary(trial) -> str:
     path = getattr(trial, "error_file", None) or ""
     try:
@@ -296,4 +318,3 @@ def _error_summary(trial) -> str:
     except OSError:
         text = []
     return text[-1] if text else "the trial raised an exception (see its error.txt in the experiment folder)"
-

@@ -1,0 +1,329 @@
+"""How far each fidelity setting reads from a tight solve, and whether it ranks configs as the tight solve does.
+
+bench/likelihood.py measures the error across checkpoints of one training run; a tuning run compares
+different configs, whose models make the ODE hard in different places. This bench trains CONFIGS (cpu.yaml
+grid points: the leaders of the replay grid bench/data/cpu_curves.csv at step 160, and slower learners)
+with the project's Trainer on mnist-5k, exactly as a tuning trial does (cpu.yaml's fixed settings, bf16
+where the CPU has it), keeps the EMA weights at each of --steps, and scores every kept model with every
+setting of SETTINGS on the same validation images, dequantization noise and Rademacher probes as the
+fast fidelity of a cpu.yaml run (its evaluator's first --images images), each at the config's sampling_eps.
+
+Per setting it prints NFE, seconds, the mean and worst |bias| against the reference setting, and the
+agreement of the configs' ranking with the reference's: Kendall tau and the number of adjacent pairs (in
+the reference order) that the setting swaps, per training length.
+
+Resumable in every phase: run the same command again after an interruption.
+  train   trains each config to each of --steps in turn (every config to 160 before any goes on to 800),
+          keeping the trainer's state under --state (gitignored) and the EMA weights under --weights;
+  score   scores each kept model with each setting, appending one JSON line per (model, setting) to
+          --scores (bench/data/fidelity_scores.jsonl, committed);
+  report  prints the tables from the scores.
+`--budget-min` stops a phase after the model or score in progress once that many minutes have passed.
+
+    nice -n 19 .venv/bin/python -m bench.fidelity_bias [--phase train|score|report|all] [--steps 160 800]
+        [--images 16] [--settings NAME ...] [--budget-min 9] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trials.config import FidelityConfig, TrialConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SPACE = ROOT / "search_spaces" / "cpu.yaml"
+# The EMA weights (~50 MB for 9 configs at 2 lengths) and the trainers' states stay out of git; the scores,
+# every per-image bits/dim of every setting, are committed.
+DEFAULT_WEIGHTS = ROOT / "runs" / "fidelity_bias" / "models"
+DEFAULT_STATE = ROOT / "runs" / "fidelity_bias" / "state"
+DEFAULT_SCORES = ROOT / "bench" / "data" / "fidelity_scores.jsonl"
+
+# (lr, batch_size, num_res_blocks, ch_mult, sampling_eps). The first six are the best of the replay grid at
+# step 160 (val_bpd 2.44-2.59 there), each at the sampling_eps that scored it best; configs 4 and 5 are
+# 0.0006 apart, a near tie. The last three learn slower (2.88, 3.13, 4.34 at step 160).
+CONFIGS = [
+    (1e-2, 64, 2, (1, 2, 2), 1e-4),
+    (3.2e-3, 128, 2, (1, 2, 4), 1e-5),
+    (1e-2, 32, 2, (1, 2, 4), 1e-4),
+    (3.2e-3, 128, 2, (1, 2, 8), 1e-4),
+    (3.2e-3, 128, 2, (1, 2, 2), 1e-5),
+    (1e-2, 128, 2, (1, 2, 4), 1e-3),
+    (1e-3, 128, 2, (1, 2, 2), 1e-5),
+    (1e-3, 64, 1, (1, 2, 2), 1e-4),
+    (3.2e-4, 128, 2, (1, 2, 8), 1e-3),
+]
+
+
+def config_name(c) -> str:
+    lr, b, r, m, eps = c
+    return f"lr{lr:g}_b{b}_r{r}_m{'-'.join(map(str, m))}_eps{eps:g}"
+
+
+def trial_config(c) -> TrialConfig:
+    from tuner.space import load_space
+
+    lr, b, r, m, _ = c
+    return load_space(SPACE).trial_config(
+        {"lr": lr, "batch_size": b, "num_res_blocks": r, "ch_mult": ",".join(map(str, m))}
+    )
+
+
+# ---- training -------------------------------------------------------------------------------------------
+def train_phase(args, deadline: float) -> None:
+    from trials.data import load_data
+    from trials.trainer import Trainer, load_checkpoint
+
+    data = None
+    for step in sorted(args.steps):
+        for c in CONFIGS:
+            name = config_name(c)
+            if args.configs is not None and name not in args.configs:
+                continue
+            out = args.weights / f"{name}_step{step}.pt"
+            if out.exists():
+                continue
+            if time.time() > deadline:
+                print("train: time budget spent; run again to go on", flush=True)
+                return
+            cfg = trial_config(c)
+            if data is None:
+                data = load_data(cfg.data)
+            trainer = Trainer(cfg, data, device="cpu")
+            state_path = args.state / f"{name}.pt"
+            if state_path.exists():
+                trainer.load_state_dict(load_checkpoint(state_path))
+            start, from_step = time.perf_counter(), trainer.step
+            # In chunks, saving the state after each, so that a stop loses at most one chunk.
+            while trainer.step < step:
+                for record in trainer.run(until_step=min(step, trainer.step + 40)):
+                    if record["diverged"]:
+                        raise RuntimeError(f"{name} diverged: {record.get('reason')}")
+                trainer.save_checkpoint(state_path)
+                if time.time() > deadline and trainer.step < step:
+                    print(f"train: {name} at step {trainer.step}; time budget spent, run again", flush=True)
+                    return
+            args.weights.mkdir(parents=True, exist_ok=True)
+            weights = {k: v.detach().float().clone() for k, v in trainer.eval_model.state_dict().items()}
+            torch.save({"config": cfg.to_dict(), "step": step, "model": weights}, out)
+            print(
+                f"train: {name} step {from_step} -> {step} in {time.perf_counter() - start:.0f} s "
+                f"(precision {trainer.precision})",
+                flush=True,
+            )
+
+
+# ---- scoring ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    fidelity: FidelityConfig
+    role: str = ""  # "shipped fast", "shipped accurate", "candidate fast", "candidate accurate", "reference"
+
+
+def _f(method: str, steps: int = 0, tol: float = 1e-3) -> FidelityConfig:
+    return FidelityConfig(n_images=1, method=method, steps=steps, rtol=tol, atol=tol)
+
+
+# Variants of the multistep solver measured here (trials.likelihood._multistep_solve's settings); each is
+# registered in trials.likelihood.MULTISTEP_METHODS under its own name for this process only.
+VARIANTS: dict[str, dict] = {
+    "ab3": {"order": 3, "corrector": False},
+    "ab2c": {"order": 2, "corrector": True},
+    "ab3c-data": {"order": 3, "corrector": True, "prediction": "data"},
+    "ab4c": {"order": 4, "corrector": True},
+    "ab3c-q2": {"order": 3, "corrector": True, "quadrature": 2},
+    "ab3c-q6": {"order": 3, "corrector": True, "quadrature": 6},
+    "ab3c-w1": {"order": 3, "corrector": True, "warp": 1.0},
+    "ab3c-w-1": {"order": 3, "corrector": True, "warp": -1.0},
+    "ab3c-w2": {"order": 3, "corrector": True, "warp": 2.0},
+}
+
+SETTINGS = [
+    Setting("rk4x7", _f("rk4", 7), "shipped fast"),
+    Setting("rk4x32", _f("rk4", 32), "shipped accurate"),
+    Setting("rk4x128", _f("rk4", 128), "reference"),
+    Setting("dopri5-1e-7", _f("dopri5", tol=1e-7), "check of the reference"),
+    Setting("multistepx27", _f("multistep", 27), "candidate fast"),
+    Setting("multistepx31", _f("multistep", 31), "candidate fast"),
+    Setting("multistepx63", _f("multistep", 63), "candidate accurate"),
+    *[Setting(f"{v}x{n}", _f(v, n), "variant") for v in VARIANTS for n in (15, 27, 31, 63, 255)],
+    Setting("multistepx15", _f("multistep", 15), "variant"),
+    Setting("multistepx255", _f("multistep", 255), "check of the reference"),
+]
+BY_NAME = {s.name: s for s in SETTINGS}
+REFERENCE = "rk4x128"
+DEFAULT_SETTINGS = ["rk4x7", "rk4x32", "rk4x128"]
+
+
+def register_variants() -> None:
+    from trials import likelihood
+
+    for name, params in VARIANTS.items():
+        likelihood.MULTISTEP_METHODS.setdefault(name, params)
+
+
+def load_model(path: Path):
+    from trials.model import unet_for
+
+    saved = torch.load(path, weights_only=True)
+    cfg = TrialConfig.from_dict(saved["config"])
+    model = unet_for(cfg)
+    model.load_state_dict(saved["model"])
+    return cfg, model.eval()
+
+
+def read_scores(path: Path) -> dict[tuple[str, int, str], dict]:
+    scores = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                scores[(row["config"], row["step"], row["setting"])] = row
+    return scores
+
+
+def score_phase(args, deadline: float) -> None:
+    from trials.config import EvalConfig
+    from trials.data import load_data
+    from trials.likelihood import LikelihoodEvaluator
+    from trials.model import score_fn
+    from trials.sde import make_sde
+
+    base = trial_config(CONFIGS[0])
+    data = load_data(base.data)
+    # The evaluator of a cpu.yaml run: its fast fidelity scores the first fast.n_images of these.
+    full = LikelihoodEvaluator.build(data.val, base.eval, base.data.centered)
+    x, probes = full.x[: args.images], full.probes[: args.images]
+    register_variants()
+    scores_path = args.scores
+    scores = read_scores(scores_path)
+    for step in sorted(args.steps):
+        for c in CONFIGS:
+            name = config_name(c)
+            if args.configs is not None and name not in args.configs:
+                continue
+            path = args.weights / f"{name}_step{step}.pt"
+            if not path.exists():
+                continue
+            todo = [s for s in args.settings if (name, step, s) not in scores]
+            if not todo:
+                continue
+            cfg, model = load_model(path)
+            sde = make_sde(cfg.sde)
+            for setting_name in todo:
+                if time.time() > deadline:
+                    print("score: time budget spent; run again to go on", flush=True)
+                    return
+                fid = replace(BY_NAME[setting_name].fidelity, n_images=args.images)
+                ecfg = EvalConfig(estimator="rademacher", batch_size=args.images, fast=fid, accurate=fid)
+                evaluator = LikelihoodEvaluator(
+                    x, probes, torch.arange(args.images), ecfg, base.data.centered, max_nfe=None
+                )
+                r = evaluator.evaluate(score_fn(model, sde), sde, c[4], "accurate")
+                if r.failed:
+                    raise RuntimeError(f"{name} step {step} {setting_name}: {r.reason}")
+                row = {
+                    "config": name,
+                    "step": step,
+                    "setting": setting_name,
+                    "images": args.images,
+                    "mean": r.mean,
+                    "per_image": r.per_image,
+                    "nfe": r.nfe,
+                    "seconds": r.seconds,
+                    "load": os.getloadavg()[0],
+                }
+                with scores_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                scores[(name, step, setting_name)] = row
+                print(
+                    f"score: {name} step {step} {setting_name}: {r.mean:.4f} ({r.nfe} NFE, {r.seconds:.0f} s)",
+                    flush=True,
+                )
+
+
+# ---- the report ------------------------------------------------------------------------------------------
+def kendall_and_adjacent_swaps(reference: list[float], values: list[float]) -> tuple[float, int]:
+    """Kendall tau-a between two scorings of the same configs, and the adjacent pairs (in the reference
+    order) that `values` puts the other way round."""
+    n = len(reference)
+    concordant = discordant = 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            s = np.sign(reference[i] - reference[j]) * np.sign(values[i] - values[j])
+            concordant += s > 0
+            discordant += s < 0
+    tau = (concordant - discordant) / (n * (n - 1) / 2) if n > 1 else math.nan
+    order = np.argsort(reference)
+    swaps = sum(values[order[k]] > values[order[k + 1]] for k in range(n - 1))
+    return float(tau), int(swaps)
+
+
+def report(args) -> None:
+    scores = read_scores(args.scores)
+    print(
+        f"Fidelity bias across configs: {args.images} mnist-5k validation images (cpu.yaml's fast subset), "
+        f"reference {REFERENCE}, {os.cpu_count()} cores"
+    )
+    for step in sorted(args.steps):
+        names = [config_name(c) for c in CONFIGS if (config_name(c), step, REFERENCE) in scores]
+        if not names:
+            continue
+        ref = [scores[(n, step, REFERENCE)]["mean"] for n in names]
+        print()
+        print(f"Step {step}: {len(names)} configs; reference bits/dim " + ", ".join(f"{v:.4f}" for v in ref))
+        print()
+        print(
+            "| setting | role | NFE | seconds per config | mean abs. bias | worst abs. bias | mean bias | "
+            "Kendall tau | adjacent swaps |"
+        )
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        for s in SETTINGS:
+            if not all((n, step, s.name) in scores for n in names):
+                continue
+            rows = [scores[(n, step, s.name)] for n in names]
+            bias = np.array([r["mean"] for r in rows]) - np.array(ref)
+            tau, swaps = kendall_and_adjacent_swaps(ref, [r["mean"] for r in rows])
+            print(
+                f"| {s.name} | {s.role or '-'} | {np.mean([r['nfe'] for r in rows]):.0f} | "
+                f"{np.mean([r['seconds'] for r in rows]):.1f} | {np.abs(bias).mean():.4f} | {np.abs(bias).max():.4f} | "
+                f"{bias.mean():+.4f} | {tau:.3f} | {swaps} |"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--phase", choices=("train", "score", "report", "all"), default="all")
+    parser.add_argument("--steps", type=int, nargs="+", default=[160, 800])
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, choices=list(BY_NAME))
+    parser.add_argument(
+        "--configs", nargs="+", default=None, help="train and score only these configs (names as printed)"
+    )
+    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    parser.add_argument("--state", type=Path, default=DEFAULT_STATE)
+    parser.add_argument("--scores", type=Path, default=DEFAULT_SCORES)
+    parser.add_argument("--budget-min", type=float, default=math.inf)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    deadline = time.time() + args.budget_min * 60
+    if args.phase in ("train", "all"):
+        train_phase(args, deadline)
+    if args.phase in ("score", "all"):
+        score_phase(args, deadline)
+    if args.phase in ("report", "all"):
+        report(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+import sys
+
+from tuner.report.cli import main
+
+sys.exit(main())
