@@ -12,11 +12,13 @@ from tuner.mlflow_runs import (
     MLFLOW_EXPERIMENT,
     ROLE_TAG,
     artifact_location,
+    completion_status,
     default_tracking_uri,
     is_finite_number,
     param_value,
+    trial_status,
 )
-from tuner.tracking import ExperimentTracker, completion_status, trial_status
+from tuner.tracking import ExperimentTracker
 
 
 @pytest.mark.parametrize(

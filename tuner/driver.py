@@ -39,13 +39,13 @@ from trials.progress import Progress
 from trials.trainable import rescore_checkpoint, run_trial, sample_checkpoint, time_training_steps
 from tuner import cpu_only
 from tuner.export import Export, rank_candidates, trials_table, write_outputs
-from tuner.mlflow_runs import default_tracking_uri
+from tuner.mlflow_runs import default_tracking_uri, trial_status
 from tuner.outbox import EXIT_TRACKING_INCOMPLETE
 from tuner.report import SAMPLE_SETTINGS, build_report, save_space
 from tuner.searcher import METRIC, MODE, STUDY_FILE, build_search
 from tuner.space import SearchSpace, load_space
 from tuner.sync import complete_experiment
-from tuner.tracking import ExperimentTracker, MlflowTrialLogger, read_state, trial_status
+from tuner.tracking import ExperimentTracker, MlflowTrialLogger, read_state
 
 
 class UsageError(UserError, ValueError):

@@ -32,7 +32,7 @@ from tuner.mlflow_runs import (
     artifact_location,
     completion_status,
     is_finite_number,
-    param_value,  # noqa: F401 - trial_status: the driver and tests import it from here
+    param_value,
     trial_run_name,
 )
 from tuner.outbox import Outbox, new_key, now_ms
