@@ -110,6 +110,21 @@ def test_a_run_resumed_with_other_scoring_and_grids_continues(mnist5k, tmp_path)
     assert [d["step"] for d in outcome.samples] == [20] and outcome.resumed_from == 10
 
 
+def test_a_run_stopped_and_continued_to_the_step_it_stopped_at_scores_its_end(mnist5k, tmp_path):
+    long = full_run.prepare(config(train={"steps": 30, "score_every": 100}), {}, Path("c.yaml"), tmp_path)
+    stopped = full_run.run_training(
+        long, checkpoint_every=100, stop_requested=lambda: long.trainer.step >= 10, log=lambda _: None
+    )
+    assert stopped.step == 10 and "val_bpd" not in stopped.history[-1]
+    short = full_run.prepare(config(train={"steps": 10, "score_every": 100}), {}, Path("c.yaml"), tmp_path)
+    watcher = Recorder()
+    outcome = full_run.run_training(short, checkpoint_every=100, log=lambda _: None, watcher=watcher)
+    assert outcome.completed and [r["step"] for r in outcome.history] == [5, 10]
+    assert outcome.history[-1]["val_bpd"] > 0 and "val_dsm" in outcome.history[-1] and outcome.scoring_seconds > 0
+    assert [r["step"] for r in watcher.records] == [10]
+    assert "val_bpd" in full_run.load_checkpoint(tmp_path / "checkpoint.pt")["full_run"]["history"][-1]
+
+
 # ---- the MLflow run, live ----------------------------------------------------------------------------------
 def test_the_mlflow_run_is_live_continues_when_resumed_and_says_how_it_ended(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -151,9 +166,13 @@ def test_the_mlflow_run_is_live_continues_when_resumed_and_says_how_it_ended(tmp
     assert again.resumed and again.run_id == run_id and client.get_run(run_id).info.status == "RUNNING"
     for step in (10, 15):
         again.on_record({"step": step, "train_loss": 1.0 / step, "images_per_sec": 100.0})
+    # The end of a run continued with --steps at the step it stopped at is scored into its last record: only the
+    # new values go out.
+    again.on_record({"step": 15, "train_loss": 1.0 / 15, "images_per_sec": 100.0, "val_bpd": 2.5})
     again.end("FAILED")
     again.flush()
     assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [5, 10, 15]
+    assert [m.step for m in client.get_metric_history(run_id, "val_bpd")] == [10, 15]
     assert client.get_run(run_id).info.status == "FAILED"
     assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
     # Another store: a run of its own there.

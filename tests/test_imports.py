@@ -37,6 +37,8 @@ DRIVER_WITHOUT_CLUSTER = (
     "tuner.mlflow_ops",
     "tuner.outbox",
     "tuner.sync",
+    "tuner.full_run_report",
+    "tuner.mlflow_model",  # its torch-needing parts import inside the functions train.py and sample.py call
 )
 # The report: Optuna computes its importance figure, so only Ray and torch are ruled out.
 REPORT = ("tuner.report",)

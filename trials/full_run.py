@@ -368,6 +368,15 @@ def run_training(
         if stop_requested() and trainer.step < total:
             log(f"Stopped at step {trainer.step}; checkpoint saved to {plan.checkpoint_path}")
             return outcome
+    last = outcome.history[-1] if outcome.history else None
+    if last is not None and last["step"] == total and "val_bpd" not in last:
+        # The run reached this length in an earlier session, when it was not yet its end (stopped there, then
+        # continued with --steps at that step): the end is scored now, into the record it already has.
+        last.setdefault("val_dsm", trainer.val_dsm())
+        last.update(score_validation(plan))
+        outcome.scoring_seconds += last["val_bpd_seconds"]
+        watcher.on_record(last)
+        trainer.save_checkpoint(plan.checkpoint_path, full_run={**outcome.saved(), "seconds": elapsed()})
     outcome.step, outcome.seconds, outcome.completed = trainer.step, elapsed(), True
     return outcome
 

@@ -238,15 +238,14 @@ class FullRunTracker:
 
     # ---- trials.full_run.Watcher -----------------------------------------------------------------------
     def on_record(self, record: dict[str, Any]) -> None:
-        step = int(record["step"])
-        if step <= self._state["logged_through"]:
+        step, through = int(record["step"]), self._state["logged_through"]
+        sent = set(self._state.get("logged_keys", [])) if step == through else set()
+        keys = [k for k in FULL_RUN_CURVES if is_finite_number(record.get(k)) and k not in sent]
+        if step < through or not keys:  # a step the run holds already (or its last step, with nothing new)
             return
         now = now_ms()
-        self.outbox.log_batch(
-            self.key,
-            metrics=[(k, float(record[k]), now, step) for k in FULL_RUN_CURVES if is_finite_number(record.get(k))],
-        )
-        self._state["logged_through"] = step
+        self.outbox.log_batch(self.key, metrics=[(k, float(record[k]), now, step) for k in keys])
+        self._state.update(logged_through=step, logged_keys=sorted(sent | set(keys)))
         self._save()
 
     def on_samples(self, step: int, drawn: list[dict[str, Any]]) -> None:
