@@ -1,5 +1,7 @@
 """Shared fixtures: the embedded data loaded once, and tiny configs that train in seconds on a CPU."""
 
+import os
+
 import pytest
 
 from trials.config import TrialConfig
@@ -28,3 +30,17 @@ def tiny_config(**train) -> TrialConfig:
 @pytest.fixture(scope="session")
 def mnist5k():
     return load_data(TrialConfig().data)
+
+
+@pytest.fixture(autouse=True)
+def no_tracking_store_leaks():
+    """Tests start tune.py and train.py as subprocesses, which take $MLFLOW_TRACKING_URI as their store; a test
+    that leaves it set (mlflow.set_tracking_uri exports it) would send every later test's runs to its store."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    after = os.environ.get("MLFLOW_TRACKING_URI")
+    if after != before:
+        import mlflow
+
+        mlflow.set_tracking_uri(before)
+        pytest.fail(f"the test left MLFLOW_TRACKING_URI={after!r} set for every later test")

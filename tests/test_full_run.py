@@ -29,6 +29,7 @@ from trials.likelihood import LikelihoodEvaluator
 from trials.portable import ScoreModel
 from trials.trainer import Trainer, load_checkpoint
 from tuner.export import write_outputs
+from tuner.mlflow_model import tracking_store
 from tuner.space import parse_space
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -296,13 +297,13 @@ def test_full_run_end_to_end_live_in_mlflow_stops_resumes_measures_and_logs_a_mo
     # by its registered name, computes what the checkpoint's network computes; sample.py draws from it.
     uri = exported.tracker.tracking_uri
     assert "registered as models:/tiny-vpsde/1" in result.stdout
-    mlflow.set_tracking_uri(uri)
     ema = ScoreModel.from_checkpoint(load_checkpoint(out / "checkpoint.pt"))
     x, t = torch.rand(3, 1, 28, 28), torch.tensor([0.01, 0.5, 1.0])
-    for model_uri in (f"runs:/{run.info.run_id}/model", "models:/tiny-vpsde/1"):
-        network = mlflow.pytorch.load_model(model_uri)
-        torch.testing.assert_close(network(x, t), ema(x, t), rtol=1e-4, atol=1e-5)
-        assert mlflow.models.get_model_info(model_uri).metadata["vpsde"]["config"] == used.to_dict()
+    with tracking_store(uri):
+        for model_uri in (f"runs:/{run.info.run_id}/model", "models:/tiny-vpsde/1"):
+            network = mlflow.pytorch.load_model(model_uri)
+            torch.testing.assert_close(network(x, t), ema(x, t), rtol=1e-4, atol=1e-5)
+            assert mlflow.models.get_model_info(model_uri).metadata["vpsde"]["config"] == used.to_dict()
     grid = tmp_path / "from_registry.png"
     sampled = subprocess.run(
         [

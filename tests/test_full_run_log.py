@@ -3,6 +3,7 @@ follows it (on a real SQLite store), its report, and the names that tell runs ap
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -297,6 +298,7 @@ def test_the_network_round_trips_through_the_registry_and_a_local_copy(mnist5k, 
     list(trainer.run(until_step=5))
     network = copy.deepcopy(trainer.eval_model).eval()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     client = MlflowClient(uri)
     experiment = client.create_experiment("vpsde-tune", artifact_location=(tmp_path / "art").as_uri())
     run_id = client.create_run(experiment).info.run_id
@@ -333,6 +335,9 @@ def test_the_network_round_trips_through_the_registry_and_a_local_copy(mnist5k, 
     assert local.model_uri is None and kept == [tmp_path / "mlflow_model"]
     loaded, _ = load_model(str(local.local_copy))
     torch.testing.assert_close(loaded(x, t), network(x, t), rtol=1e-4, atol=1e-5)
+    # Logging and loading used MLflow's process-wide store only for the call: a subprocess started now (a tuning
+    # driver) would otherwise inherit $MLFLOW_TRACKING_URI and write its runs to this store.
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before
 
 
 def test_a_trials_child_run_is_named_by_its_hyperparameters(tmp_path):

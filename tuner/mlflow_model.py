@@ -13,7 +13,9 @@ driver never calls them, and importing the module imports neither.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,24 @@ class LoggedModel:
     model_uri: str | None  # models:/<model id>, or None when only the local copy exists
     registered_uri: str | None  # models:/NAME/VERSION when registered
     local_copy: Path | None  # the model folder kept when the store did not take it
+
+
+@contextmanager
+def tracking_store(uri: str | None) -> Iterator[None]:
+    """MLflow's fluent API (log_model, models:/ URIs) reads one process-wide tracking URI, and setting it also
+    exports $MLFLOW_TRACKING_URI to every child process started later: set it for the call only, then put back
+    what was there, so a caller's later subprocesses (a tuning driver, a test's) keep their own store."""
+    if not uri:
+        yield
+        return
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)  # None unsets both the URI and the variable
 
 
 def metadata(config: dict[str, Any], output: str) -> dict[str, Any]:
@@ -86,9 +106,8 @@ def log_model(
     )
     if run_id is not None:
         try:
-            mlflow.set_tracking_uri(tracking_uri)
             # The active run gives the logged model its experiment (and its link to the run's metrics at `step`).
-            with mlflow.start_run(run_id=run_id):
+            with tracking_store(tracking_uri), mlflow.start_run(run_id=run_id):
                 info = mlflow.pytorch.log_model(
                     network, name=MODEL_NAME, registered_model_name=register_as, step=step, **settings
                 )
@@ -118,12 +137,15 @@ def is_model_uri(text: str) -> bool:
 def load_model(uri: str, tracking_uri: str | None = None) -> tuple[Any, dict[str, Any]]:
     """The network (eps_theta) and config of a model logged by train.py: models:/NAME/VERSION, runs:/<id>/model,
     or a local model folder. Raises ModelURIError, one line, when the URI names nothing of the kind."""
+    with tracking_store(tracking_uri):  # the registry follows the tracking store unless set apart
+        return _load(uri)
+
+
+def _load(uri: str) -> tuple[Any, dict[str, Any]]:
     import mlflow
     import mlflow.pytorch
     from mlflow.exceptions import MlflowException
 
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)  # the registry follows the tracking store unless set apart
     if not is_model_uri(uri) and not (Path(uri) / "MLmodel").is_file():
         raise ModelURIError(
             f"{uri}: not a model URI (models:/NAME/VERSION, runs:/<run id>/model) nor a folder holding an MLmodel file"
