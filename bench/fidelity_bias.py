@@ -77,6 +77,17 @@ def trial_config(c) -> TrialConfig:
     )
 
 
+def selected(names: list[str] | None) -> list:
+    """CONFIGS, or those of `names` in that order (the order a phase works through them)."""
+    if names is None:
+        return CONFIGS
+    by_name = {config_name(c): c for c in CONFIGS}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise SystemExit(f"unknown config(s) {', '.join(unknown)}; the configs are {', '.join(by_name)}")
+    return [by_name[n] for n in names]
+
+
 # ---- training -------------------------------------------------------------------------------------------
 def train_phase(args, deadline: float) -> None:
     from trials.data import load_data
@@ -84,10 +95,8 @@ def train_phase(args, deadline: float) -> None:
 
     data = None
     for step in sorted(args.steps):
-        for c in CONFIGS:
+        for c in selected(args.configs):
             name = config_name(c)
-            if args.configs is not None and name not in args.configs:
-                continue
             out = args.weights / f"{name}_step{step}.pt"
             if out.exists():
                 continue
@@ -207,10 +216,8 @@ def score_phase(args, deadline: float) -> None:
     scores_path = args.scores
     scores = read_scores(scores_path)
     for step in sorted(args.steps):
-        for c in CONFIGS:
+        for c in selected(args.configs):
             name = config_name(c)
-            if args.configs is not None and name not in args.configs:
-                continue
             path = args.weights / f"{name}_step{step}.pt"
             if not path.exists():
                 continue
@@ -315,6 +322,22 @@ def report(args) -> None:
                 f"| {s.name} | {s.role or '-'} | {nfe} | {np.mean([r['seconds'] for r in rows]):.1f} | "
                 f"{np.abs(bias).mean():.4f} | {np.abs(bias).max():.4f} | {bias.mean():+.4f} | {tau:.3f} | {swaps} | "
                 f"{'met' if meets['fast'] else 'not met'} | {'met' if meets['accurate'] else 'not met'} |"
+            )
+        main = [
+            s
+            for s in SETTINGS
+            if s.role.startswith(("shipped", "candidate")) and all((n, step, s.name) in scores for n in names)
+        ]
+        print()
+        print("Per config, bits/dim of the reference and each setting's bias:")
+        print()
+        print("| config | sampling_eps | reference | " + " | ".join(s.name for s in main) + " |")
+        print("|---|---:|---:|" + "---:|" * len(main))
+        for n, r in zip(names, ref):
+            print(
+                f"| {n.split('_eps')[0]} | {n.split('_eps')[1]} | {r:.4f} | "
+                + " | ".join(f"{scores[(n, step, s.name)]['mean'] - r:+.4f}" for s in main)
+                + " |"
             )
         gaps = np.diff(np.sort(ref))
         print()
