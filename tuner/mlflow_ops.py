@@ -20,6 +20,7 @@ lost by waiting) or `Refused` (a 4xx: sending it again would not help).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,11 @@ class Refused(Exception):
 
 def is_key(ref: str) -> bool:
     return ref.startswith(KEY_PREFIX)
+
+
+def now_ms() -> int:
+    """A timestamp as MLflow keeps them (and records carry them): milliseconds since the epoch."""
+    return int(time.time() * 1000)
 
 
 @dataclass
@@ -185,18 +191,7 @@ class MlflowOps:
 
     def _experiment(self, client, uri: str, name: str, artifact_location: str | None) -> str:
         if (uri, name) not in self._experiments:
-            found = client.get_experiment_by_name(name)
-            if found is None:
-                try:
-                    client.create_experiment(name, artifact_location=artifact_location)
-                except MlflowException:
-                    pass  # another search created it a moment ago; the lookup below settles it
-                found = client.get_experiment_by_name(name)
-                if found is None:
-                    raise StoreDown(f"experiment {name!r} could not be created")
-            if EXPERIMENT_KIND_TAG not in found.tags:  # unless someone already chose a kind in the UI
-                client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
-            self._experiments[(uri, name)] = found.experiment_id
+            self._experiments[(uri, name)] = _find_or_create_experiment(client, name, artifact_location)
         return self._experiments[(uri, name)]
 
     def _log_params(self, client, run_id: str, params: dict[str, str], known_empty: bool) -> None:
@@ -221,6 +216,21 @@ class MlflowOps:
             if (m.step, m.timestamp, m.value) not in held:
                 out.append(m)
         return out
+
+
+def _find_or_create_experiment(client, name: str, artifact_location: str | None) -> str:
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        try:
+            client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException:
+            pass  # another search created it a moment ago; the lookup below settles it
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise StoreDown(f"experiment {name!r} could not be created")
+    if EXPERIMENT_KIND_TAG not in found.tags:  # unless someone already chose a kind in the UI
+        client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    return found.experiment_id
 
 
 def mlflow_client(uri: str) -> MlflowClient:
