@@ -170,7 +170,7 @@ def child(args) -> None:
 
     tune.Tuner.fit = phase("search", tune.Tuner.fit)
     driver.write_outputs = phase("export", driver.write_outputs)
-    driver._write_report = phase("report", driver._write_report)
+    driver.write_report = phase("report", driver.write_report)
 
     options = driver.TuneOptions(
         space=Path(args.space),

@@ -12,16 +12,10 @@ from types import SimpleNamespace
 import pandas as pd
 import yaml
 
-from tuner.export import (
-    TIE_STDERRS,
-    paired_to_winner,
-    pick_winner,
-    rank_candidates,
-    ties_with_winner,
-    trials_table,
-    write_outputs,
-)
+from tuner.export import write_outputs
 from tuner.space import parse_space
+from tuner.trials_table import rank_candidates, trials_table
+from tuner.winner import TIE_STDERRS, paired_to_winner, pick_winner, ties_with_winner
 
 SPACE = parse_space(
     {

@@ -25,13 +25,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("tuner", "trials")
 
-# The driver side that needs no cluster: the space, its tables and the CPU estimate, the export, the outbox and
-# `python -m tuner.sync`. No Ray, no Optuna (only the searcher asks Optuna), no torch (tuner/ builds no model).
+# The driver side that needs no cluster: the command's options, the space, its tables and the CPU estimate, the
+# export (its table and winner rule too), the outbox and `python -m tuner.sync`. No Ray, no Optuna (only the
+# searcher asks Optuna), no torch (tuner/ builds no model).
 DRIVER_WITHOUT_CLUSTER = (
+    "tuner.options",
     "tuner.space",
+    "tuner.search_space",
     "tuner.search_tables",
     "tuner.cpu_only",
     "tuner.export",
+    "tuner.trials_table",
+    "tuner.winner",
     "tuner.mlflow_runs",
     "tuner.journal",
     "tuner.mlflow_ops",

@@ -225,8 +225,9 @@ def synthetic_experiment(folder: Path, n: int, seed: int = 0) -> Path:
     one ties with the winner on the paired rule. ASHA-like: two thirds stop at each rung; a few error or diverge."""
     import random
 
-    from tuner.export import rank_candidates, trials_table, write_outputs
+    from tuner.export import write_outputs
     from tuner.mlflow_runs import completion_status
+    from tuner.trials_table import rank_candidates, trials_table
 
     rng = random.Random(seed)
     folder.mkdir(parents=True)

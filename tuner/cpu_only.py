@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from trials.progress import duration
+from tuner.search_space import SearchSpace
 from tuner.search_tables import SCHEDULERS
-from tuner.space import SearchSpace
 
 CPU_SPACE = "search_spaces/cpu.yaml"
 

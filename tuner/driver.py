@@ -1,15 +1,16 @@
-"""The tuning driver: start or join Ray, run the search, re-score the best trials, export, log to MLflow.
+"""The tuning driver: start or join Ray, run the search, then hand over to what comes after it.
 
 One call, `run(options)`, does one experiment:
-  1. validate the space and the CLI (one-line errors before anything starts or is written);
+  1. validate the space and the CLI (tuner/options.py: one-line errors before anything starts or is written);
   2. start a local Ray or join a cluster; load the data and build the shared evaluator once, and hand
      both to every trial through the object store (`tune.with_parameters`);
   3. `Tuner.fit` with an Optuna study (TPE, GP or random; tuner/searcher.py) and ASHA (or FIFO) on val
      bits/dim at fast fidelity, with an MLflow callback that writes a child run per trial;
-  4. re-score the top k trials' checkpoints at accurate fidelity (as Ray tasks, so the driver never builds
-     a model) and export `trials.csv` and `best_config.yaml`, attached to the MLflow parent run;
-
-  5. write the experiment report (tuner/report/; the winner's samples drawn by a Ray task), attached too.
+  4. re-score the top k trials' checkpoints at accurate fidelity (as Ray tasks, tuner/after_search.py, so the
+     driver never builds a model) and export `trials.csv` and `best_config.yaml` (tuner/export.py), attached
+     to the MLflow parent run;
+  5. write the experiment report (tuner/report/; the winner's samples drawn by a Ray task), attached too,
+     and print the summary.
 
 MLflow going away never stops a search (tuner/outbox.py): the files are always written, and the exit status is
 3 instead of 0 when some records are still waiting for the store; `--resume` of a finished experiment re-runs
@@ -20,97 +21,32 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
 from ray import tune
 
-from trials.cli import EXIT_INTERRUPTED, UserError
+from trials.cli import EXIT_INTERRUPTED
 from trials.data import load_data
 from trials.likelihood import LikelihoodEvaluator
-from trials.progress import Progress
-from trials.trainable import rescore_checkpoint, run_trial, sample_checkpoint, time_training_steps
+from trials.trainable import run_trial, time_training_steps
 from tuner import cpu_only
-from tuner.export import Export, rank_candidates, trials_table, write_outputs
+from tuner.after_search import print_summary, rescore, write_report
+from tuner.export import write_outputs
 from tuner.mlflow_runs import default_tracking_uri, trial_status
+from tuner.options import TuneOptions, UsageError, prepare, resume_command
 from tuner.outbox import EXIT_TRACKING_INCOMPLETE
-from tuner.report import SAMPLE_SETTINGS, build_report, save_space
+from tuner.report import save_space
+from tuner.search_space import SearchSpace
 from tuner.searcher import METRIC, MODE, STUDY_FILE, build_search
-from tuner.space import SearchSpace, load_space
 from tuner.sync import complete_experiment
 from tuner.tracking import ExperimentTracker, MlflowTrialLogger, read_state
-
-
-class UsageError(UserError, ValueError):
-    """The command line asks for something impossible; one line, exit 2."""
-
-
-@dataclass(frozen=True)
-class TuneOptions:
-    space: Path
-    name: str | None = None
-    storage: Path = Path("runs")
-    num_samples: int | None = None
-    time_budget: float | None = None
-    max_concurrent: int | None = None
-    seed: int | None = None
-    data: str | None = None
-    data_root: str | None = None
-    download: bool = False
-    mlflow_uri: str | None = None
-    address: str | None = None
-    resume: bool = False
-    top_k: int | None = None
-    allow_cpu: bool = False  # run a space sized for GPUs on a cluster without GPUs anyway
-
-
-def prepare(options: TuneOptions) -> tuple[SearchSpace, Path]:
-    """Everything that can be checked before Ray starts: the space, the CLI overrides, the folder."""
-    space = with_cli_overrides(load_space(options.space), options)
-    experiment_dir = (options.storage / space.name).resolve()
-    started = (experiment_dir / "tuner.pkl").exists()
-    if options.resume and not started:
-        raise UsageError(f"--resume: no experiment to resume at {experiment_dir} (run without --resume to start it)")
-    if not options.resume and started:
-        raise UsageError(
-            f"experiment {space.name!r} already exists at {experiment_dir}: "
-            "add --resume to continue it, or pick another --name"
-        )
-    return space, experiment_dir
-
-
-def with_cli_overrides(space: SearchSpace, options: TuneOptions) -> SearchSpace:
-    search = space.search
-    for field, value in (
-        ("num_samples", options.num_samples),
-        ("time_budget_s", options.time_budget),
-        ("max_concurrent", options.max_concurrent),
-        ("top_k", options.top_k),
-        ("seed", options.seed),
-    ):
-        if value is not None:  # tune.py's parser has already checked the counts are positive
-            search = dataclasses.replace(search, **{field: value})
-    if options.name is not None and (not options.name or any(c in options.name for c in "/\\ ")):
-        raise UsageError(f"--name: must be a non-empty word without slashes or spaces, got {options.name!r}")
-    fixed = {k: dict(v) if isinstance(v, dict) else v for k, v in space.fixed.items()}
-    data = dict(fixed.get("data") or {})
-    if options.data is not None:
-        data["name"] = options.data
-    if options.data_root is not None:
-        data["root"] = options.data_root
-    if options.download:
-        data["download"] = True
-    fixed["data"] = data
-    space = dataclasses.replace(space, name=options.name or space.name, search=search, fixed=fixed)
-    space.check()  # --data mnist without --data-root is caught here, before Ray starts
-    return space
+from tuner.trials_table import rank_candidates, trials_table
 
 
 def run(options: TuneOptions, stand_in: Callable[..., None] | None = None) -> int:
@@ -118,7 +54,7 @@ def run(options: TuneOptions, stand_in: Callable[..., None] | None = None) -> in
     through everything else): it is called as stand_in(params, space=space) and reports like run_trial."""
     space, experiment_dir = prepare(options)
     if options.resume and read_state(experiment_dir).get("status") == "FINISHED":
-        return _send_unsent(experiment_dir, _resume_command(options, space))
+        return _send_unsent(experiment_dir, resume_command(options, space))
     base = space.base_config
     data = load_data(base.data)
     storage = options.storage.resolve()
@@ -183,7 +119,7 @@ def run(options: TuneOptions, stand_in: Callable[..., None] | None = None) -> in
         kept = "" if tracker.flush() else f" (and the MLflow records kept in {tracker.outbox.path})"
         print(
             f"\nInterrupted; state saved in {experiment_dir}{kept}.\n"
-            f"Continue with: {_resume_command(options, space)}\n"
+            f"Continue with: {resume_command(options, space)}\n"
             f"Report of the trials so far: python -m tuner.report {experiment_dir}",
             flush=True,
         )
@@ -191,23 +127,19 @@ def run(options: TuneOptions, stand_in: Callable[..., None] | None = None) -> in
 
     tracker.flush()  # what the store missed during the search, so the table gets every run id it can
     candidates = rank_candidates(analysis, statuses, space.search.top_k)
-    rescores = _rescore(candidates, evaluator, space, gpus)
+    rescores = rescore(candidates, evaluator, space, gpus)
     table = trials_table(analysis, space, statuses, rescores, tracker.child_run_ids())
     export = write_outputs(experiment_dir, space, table, rescores, analysis, tracker)
-    report = _write_report(experiment_dir, space, gpus, tracker)
+    report = write_report(experiment_dir, space, gpus, tracker)
     if report is not None:
         export.paths["report"] = report
-    _print_summary(table, export, tracking_uri, tracker.experiment_id)
+    print_summary(table, export, tracking_uri, tracker.experiment_id)
     tracker.finish("FINISHED")
-    return _tracking_status(tracker, experiment_dir, _resume_command(options, space))
+    return _tracking_status(tracker, experiment_dir, resume_command(options, space))
 
 
 # ---- tracking that has not arrived yet -------------------------------------------------------------
-def _resume_command(options: TuneOptions, space: SearchSpace) -> str:
-    return f"python tune.py --space {options.space} --name {space.name} --storage {options.storage} --resume"
-
-
-def _tracking_status(tracker: ExperimentTracker, experiment_dir: Path, resume_command: str) -> int:
+def _tracking_status(tracker: ExperimentTracker, experiment_dir: Path, command: str) -> int:
     """0 when MLflow has everything; else say what is kept where and how to send it, and return 3."""
     if complete_experiment(tracker, experiment_dir):
         return 0
@@ -216,23 +148,23 @@ def _tracking_status(tracker: ExperimentTracker, experiment_dir: Path, resume_co
     print(
         f"\nThe search is complete and its files are written, but MLflow ({tracker.tracking_uri}) has not got "
         f"everything: {outbox.pending} records are kept in {outbox.path}{refused}. Send them when it answers "
-        f"with: {resume_command}",
+        f"with: {command}",
         flush=True,
     )
     return EXIT_TRACKING_INCOMPLETE
 
 
-def _send_unsent(experiment_dir: Path, resume_command: str) -> int:
+def _send_unsent(experiment_dir: Path, command: str) -> int:
     """--resume of a finished experiment: nothing to re-run; send what MLflow has not received."""
     print(f"{experiment_dir} is a finished search: nothing to re-run; sending what MLflow has not received", flush=True)
     tracker = ExperimentTracker.attach(experiment_dir)
-    status = _tracking_status(tracker, experiment_dir, resume_command)
+    status = _tracking_status(tracker, experiment_dir, command)
     if status == 0:
         print(f"MLflow: {tracker.tracking_uri} has everything (parent run {tracker.parent_run_id})", flush=True)
     return status
 
 
-# ---- pieces -------------------------------------------------------------------------------------
+# ---- Ray, the trials' resources and the Tuner ---------------------------------------------------
 def _start_ray(address: str | None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -348,115 +280,3 @@ def _load_analysis(experiment_dir: Path) -> tune.ExperimentAnalysis:
         return tune.ExperimentAnalysis(str(experiment_dir), default_metric=METRIC, default_mode=MODE)
     finally:
         logger.setLevel(level)
-
-
-def _rescore(
-    candidates: list[tuple[Any, str]], evaluator: LikelihoodEvaluator, space: SearchSpace, gpus: float
-) -> dict[str, dict[str, Any]]:
-    """Accurate-fidelity val bits/dim of each candidate's last checkpoint, as parallel Ray tasks."""
-    if not candidates:
-        return {}
-    print(
-        f"\nRe-scoring the top {len(candidates)} trials at accurate fidelity "
-        f"({space.base_config.eval.accurate.n_images} images, {space.base_config.eval.accurate.describe()}) ...",
-        flush=True,
-    )
-    task = ray.remote(num_cpus=space.resources.cpus_per_trial, num_gpus=gpus)(rescore_checkpoint)
-    evaluator_ref = ray.put(evaluator)
-    threads = max(1, int(space.resources.cpus_per_trial))
-    refs = {task.remote(path, evaluator_ref, threads=threads): trial.trial_id for trial, path in candidates}
-    progress = Progress("Re-scoring", len(refs))
-    out, pending = {}, list(refs)
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        trial_id = refs[ready[0]]
-        try:
-            out[trial_id] = ray.get(ready[0])
-        except ray.exceptions.RayError as exc:  # a lost checkpoint or a dead node costs one re-score, not the export
-            out[trial_id] = {
-                "failed": True,
-                "mean": math.inf,
-                "stderr": math.nan,
-                "nfe": 0,
-                "reason": f"re-scoring failed: {str(exc).strip().splitlines()[-1][:300]}",
-            }
-        r = out[trial_id]
-        status = (
-            f"failed: {r['reason']}" if r["failed"] else f"{r['mean']:.4f} ± {r['stderr']:.4f} bits/dim, NFE {r['nfe']}"
-        )
-        progress.done(len(out), f"{trial_id}: {status}")
-    return {trial.trial_id: out[trial.trial_id] for trial, _ in candidates}
-
-
-def _write_report(experiment_dir: Path, space: SearchSpace, gpus: float, tracker: ExperimentTracker) -> Path | None:
-    """The report, with the winner's samples drawn by a Ray task; attached to the MLflow parent run.
-
-    A report that fails costs the report, not the experiment: the export is already written."""
-    task = ray.remote(num_cpus=space.resources.cpus_per_trial, num_gpus=gpus)(sample_checkpoint)
-    threads = max(1, int(space.resources.cpus_per_trial))
-
-    def ray_sampler(checkpoint: Path, out: Path, settings: dict[str, Any]) -> dict[str, Any]:
-        info = ray.get(task.remote(str(checkpoint), threads=threads, **settings))
-        out.write_bytes(info.pop("png"))
-        return info
-
-    print(f"\nWriting the report (the winner's samples: ODE, rtol {SAMPLE_SETTINGS['rtol']:g}) ...", flush=True)
-    try:
-        report = build_report(experiment_dir, space, sampler=ray_sampler)
-    except Exception as exc:  # noqa: BLE001 - any bug in a figure must not cost the finished search
-        print(
-            f"Report failed ({type(exc).__name__}: {exc}); rebuild it with: python -m tuner.report {experiment_dir}",
-            file=sys.stderr,
-            flush=True,
-        )
-        return None
-    tracker.log_report(report.files)
-    return report.html
-
-
-def _print_summary(table, export: Export, tracking_uri: str, experiment_id: str = "") -> None:
-    import pandas as pd
-
-    columns = [
-        c
-        for c in [
-            "trial_id",
-            "status",
-            *export.hyperparameter_columns,
-            "val_bpd_last",
-            "val_bpd_accurate",
-            "paired_diff",
-            "paired_diff_stderr",
-            "steps",
-            "seconds",
-        ]
-        if c in table.columns
-    ]
-    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
-        print("\nBest trials:")
-        print(table[columns].head(5).to_string(index=False))
-    print(f"\nWinner: {export.winner_id} with val bits/dim {export.winner_bpd:.4f} ({export.winner_fidelity} fidelity)")
-    if export.winner_fidelity == "accurate":
-        rows = table.set_index("trial_id")
-        if export.tied:
-            ties = ", ".join(
-                f"{tid} (+{rows.at[tid, 'paired_diff']:.4f} ± {rows.at[tid, 'paired_diff_stderr']:.4f})"
-                for tid in export.tied
-            )
-            print(f"Tied with the winner (paired difference on the same images within 2 standard errors): {ties}")
-        else:
-            print("No re-scored trial is tied with the winner (every paired difference exceeds 2 standard errors).")
-    print("Wrote:")
-    for label, path in export.paths.items():
-        print(f"  {label:<12} {path}")
-    local = tracking_uri.startswith("sqlite:")
-    print(
-        f"  {'mlflow':<12} {tracking_uri}"
-        + (f"   (browse: mlflow ui --backend-store-uri {tracking_uri})" if local else "")
-    )
-    # MLflow 3.17's UI opens every experiment on its GenAI view unless the URL asks for model training.
-    ui = "http://127.0.0.1:5000" if local else tracking_uri.rstrip("/")
-    if experiment_id and (local or tracking_uri.startswith("http")):
-        print(f"  {'':<12} trials: {ui}/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
-    print(f"Full run: python train.py --config {export.paths['best_config']}")
-    sys.stdout.flush()

@@ -1,4 +1,5 @@
-"""What a finished search leaves behind: the trials table, the winner's config, and their provenance.
+"""What a finished search leaves behind, written and read back: the trials table, the winner's config, and
+their provenance.
 
   trials.csv        one row per trial: hyperparameters, status, last/best fast val bits/dim, the accurate
                     re-score where one was made with its paired difference to the winner's and whether it
@@ -7,8 +8,8 @@
                     `provenance` section: scores, trial and MLflow ids, code version, space-file hash
   rescores.json     the accurate re-scores with their solver settings and NFE
 
-It also holds the rules the report reads these files by, so the two never disagree: the winner
-(`pick_winner`), which trials tie with it (`paired_to_winner`, `ties_with_winner`), and the readers.
+The table's rows come from tuner/trials_table.py; the winner and its ties from tuner/winner.py, whose rule the
+report reads these files by too. The readers here are what the report and the MLflow back-fill read.
 """
 
 from __future__ import annotations
@@ -18,9 +19,7 @@ import datetime
 import importlib.metadata
 import json
 import math
-import statistics
 import subprocess
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,15 +28,12 @@ import pandas as pd
 import yaml
 
 from trials.files import atomic_path, atomic_write_text
-from tuner.mlflow_runs import is_finite_number
-from tuner.space import SearchSpace
+from tuner.search_space import SearchSpace
+from tuner.winner import paired_to_winner, pick_winner, ties_with_winner
 
 TRIALS_CSV = "trials.csv"
 RESCORES_JSON = "rescores.json"
 BEST_CONFIG = "best_config.yaml"
-NOT_CANDIDATES = ("errored", "diverged")
-# A re-scored trial is tied with the winner when its paired difference is within this many standard errors.
-TIE_STDERRS = 2.0
 
 
 @dataclass
@@ -48,79 +44,6 @@ class Export:
     paths: dict[str, Path] = field(default_factory=dict)
     hyperparameter_columns: list[str] = field(default_factory=list)
     tied: list[str] = field(default_factory=list)  # re-scored trials not distinguishable from the winner
-
-
-def paired_to_winner(rescores: dict[str, dict], winner_id: str) -> dict[str, dict[str, Any]]:
-    """Each re-score's mean per-image difference to the winner's, its standard error, and whether it ties.
-
-    The evaluator scores every trial on the same images with the same dequantization noise and probes, so
-    per-image bits/dim are paired: the difference cancels the image-to-image spread that dominates each
-    score's own error bar, and two trials whose error bars overlap can still be told apart.
-    """
-    base = rescores.get(winner_id, {}).get("per_image") or []
-    out = {}
-    for trial_id, r in rescores.items():
-        values = r.get("per_image") or []
-        if r.get("failed") or len(values) != len(base) or len(base) < 2:
-            continue
-        diffs = [a - b for a, b in zip(values, base)]
-        if not all(math.isfinite(d) for d in diffs):
-            continue
-        mean, stderr = statistics.fmean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
-        out[trial_id] = {
-            "paired_diff": mean,
-            "paired_diff_stderr": stderr,
-            "tied_with_winner": bool(mean <= TIE_STDERRS * stderr),
-        }
-    return out
-
-
-def pick_winner(
-    rescores: dict[str, dict], last_scores: Iterable[tuple[str, str, Any]]
-) -> tuple[str, float, str] | None:
-    """The winner as (trial id, bits/dim, fidelity), or None when no trial has a score.
-
-    The best accurate re-score wins, so the winner is not picked by the fast estimate's noise. Without one
-    (the search has not finished, or every re-score failed) the best last fast score of the trials that may be
-    candidates wins: `last_scores` is (trial id, status, last fast val bits/dim) per trial, ties to the first.
-    """
-    good = {tid: r["mean"] for tid, r in rescores.items() if not r.get("failed") and is_finite_number(r.get("mean"))}
-    if good:
-        tid = min(good, key=good.get)
-        return tid, float(good[tid]), "accurate"
-    fast = [
-        (tid, float(bpd)) for tid, status, bpd in last_scores if status not in NOT_CANDIDATES and is_finite_number(bpd)
-    ]
-    if fast:
-        tid, bpd = min(fast, key=lambda item: item[1])
-        return tid, bpd, "fast"
-    return None
-
-
-def ties_with_winner(
-    rescores: dict[str, dict], winner_id: str, table: pd.DataFrame | None = None
-) -> tuple[dict[str, bool], str]:
-    """Which re-scored trials tie with the winner, and by which rule:
-
-    "paired"   the verdicts `paired_to_winner` recorded (in the re-scores, or trials.csv's column);
-    "overlap"  an export that recorded none (older than the paired comparison): the mean ± stderr
-               intervals overlap, a rough rule that ignores that every trial is scored on the same images;
-    "missing"  the winner has no re-score.
-    """
-    scored = {tid: r for tid, r in rescores.items() if not r.get("failed") and is_finite_number(r.get("mean"))}
-    recorded = {tid: bool(r["tied_with_winner"]) for tid, r in scored.items() if "tied_with_winner" in r}
-    if table is not None and "tied_with_winner" in table.columns and not recorded:
-        recorded = {
-            tid: bool(v) for tid, v in zip(table.trial_id, table.tied_with_winner) if tid in scored and not pd.isna(v)
-        }
-    if recorded:
-        recorded[winner_id] = True
-        return recorded, "paired"
-    w = scored.get(winner_id)
-    if w is None:
-        return {}, "missing"
-    width = lambda r: float(r["stderr"]) if is_finite_number(r.get("stderr")) else 0.0
-    return {tid: abs(r["mean"] - w["mean"]) <= width(r) + width(w) for tid, r in scored.items()}, "overlap"
 
 
 # ---- what the export leaves, read back (the report, the MLflow back-fill) ---------------------------------------
@@ -141,56 +64,6 @@ def read_provenance(experiment_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     return (yaml.safe_load(path.read_text()) or {}).get("provenance") or {}
-
-
-def rank_candidates(analysis, statuses: dict[str, str], top_k: int) -> list[tuple[Any, str]]:
-    """The top k trials by their last fast val bits/dim (the score of the checkpoint they leave)."""
-    scored = []
-    for trial in analysis.trials:
-        bpd = (trial.last_result or {}).get("val_bpd")
-        if statuses.get(trial.trial_id) in NOT_CANDIDATES or not is_finite_number(bpd):
-            continue
-        checkpoint = analysis.get_last_checkpoint(trial)
-        if checkpoint is not None:
-            scored.append((bpd, trial, checkpoint.path))
-    scored.sort(key=lambda item: item[0])
-    return [(trial, path) for _, trial, path in scored[:top_k]]
-
-
-def trials_table(
-    analysis, space: SearchSpace, statuses: dict[str, str], rescores: dict[str, dict], run_ids: dict[str, str]
-) -> pd.DataFrame:
-    histories = analysis.trial_dataframes
-    rows = []
-    for trial in analysis.trials:
-        last = trial.last_result or {}
-        history = histories.get(trial.trial_id)
-        reported = history["val_bpd"] if history is not None and "val_bpd" in history else pd.Series(dtype=float)
-        rescore = rescores.get(trial.trial_id, {})
-        row = {"trial_id": trial.trial_id, "status": statuses.get(trial.trial_id, "unknown")}
-        for hp in space.hyperparameters:
-            value = hp.decode(trial.config[hp.name]) if hp.name in trial.config else None
-            row[hp.name] = json.dumps(list(value)) if isinstance(value, (list, tuple)) else value
-        row.update(
-            {
-                "val_bpd_last": last.get("val_bpd", math.nan),
-                "val_bpd_best": reported.replace([math.inf], math.nan).min() if len(reported) else math.nan,
-                "val_bpd_accurate": math.nan if rescore.get("failed", True) else rescore["mean"],
-                "val_bpd_accurate_stderr": rescore.get("stderr", math.nan),
-                "accurate_nfe": rescore.get("nfe", math.nan),
-                "steps": last.get("step", 0),
-                "seconds": last.get("seconds", math.nan),
-                "mlflow_run_id": run_ids.get(trial.trial_id, ""),
-                "reason": last.get("reason", "") or rescore.get("reason") or "",
-            }
-        )
-        rows.append(row)
-    table = pd.DataFrame(rows)
-    if table.empty:
-        return table
-    return table.sort_values(["val_bpd_accurate", "val_bpd_last"], na_position="last", kind="stable").reset_index(
-        drop=True
-    )
 
 
 def write_outputs(

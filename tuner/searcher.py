@@ -39,7 +39,7 @@ METRIC = "val_bpd"  # what every trial reports at each rung, and what the search
 MODE = "min"
 
 if TYPE_CHECKING:
-    from tuner.space import SearchSpace
+    from tuner.search_space import SearchSpace
 
 
 STUDY_FILE = "optuna.db"

@@ -1,17 +1,15 @@
-"""Search-space files: load and validate a YAML file into a typed `SearchSpace`.
+"""Search-space files: load and validate a YAML file into a typed `SearchSpace` (tuner/search_space.py).
 
 A space file has four sections (see search_spaces/vpsde.yaml):
 
     hyperparameters:   what the search varies, by short name (lr, batch_size, num_res_blocks, ch_mult,
                        sampling_eps) or by any dotted TrialConfig field (model.dropout, train.ema_decay, ...)
     fixed:             a partial TrialConfig: everything a trial needs that the search does not vary
-    search:            algorithm (tpe | gp | random), scheduler (asha | fifo), trial count, concurrency, seed,
-                       ASHA's grace period and reduction factor, re-scoring top k, time budget, retries
+    search:            algorithm and scheduler (the names of tuner/search_tables.py), trial count, concurrency,
+                       seed, ASHA's grace period and reduction factor, re-scoring top k, time budget, retries
     resources:         CPUs per trial, and the GPU fraction used when the cluster has GPUs
 
 Every problem raises `SpaceError` with one line naming the file and the field, before anything starts.
-Choices whose values are lists (ch_mult) travel through Optuna as string labels, because Optuna's
-categorical distributions only hold scalars; `SearchSpace.trial_config` turns labels back into values.
 """
 
 from __future__ import annotations
@@ -19,13 +17,12 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from trials.cli import UserError
 from trials.config import ConfigError, TrialConfig, build_dataclass, field_paths, read_yaml, set_dotted
+from tuner.search_space import KINDS, Hyperparameter, Resources, SearchSettings, SearchSpace
 from tuner.search_tables import SCHEDULERS, SEARCH_ALGORITHMS
 
 # The seed's five hyperparameters by their familiar names.
@@ -36,153 +33,12 @@ SHORT_NAMES = {
     "ch_mult": "model.ch_mult",
     "sampling_eps": "sde.sampling_eps",
 }
-KINDS = ("loguniform", "uniform", "randint", "choice")
 
 
 class SpaceError(UserError, ValueError):
     """A search-space file is wrong; the message is one line naming the file and the field."""
 
 
-@dataclass(frozen=True)
-class Hyperparameter:
-    name: str  # as written in the file, and as Optuna and Ray see it
-    path: str  # the TrialConfig field it sets, e.g. "train.lr"
-    kind: str  # loguniform | uniform | randint | choice
-    low: float | None = None
-    high: float | None = None
-    values: tuple[Any, ...] = ()
-
-    def labels(self) -> list[Any]:
-        """The choices as the searcher sees them: scalars as they are, lists as 'a,b,c' strings."""
-        return [_label(v) for v in self.values]
-
-    def decode(self, sampled: Any) -> Any:
-        if not self.is_choice:
-            return sampled
-        for value in self.values:
-            if _label(value) == sampled:
-                return value
-        raise KeyError(f"{self.name}: {sampled!r} is not one of the choices")
-
-    # Every rule that depends on the kind lives here, so a caller never branches on `kind` itself.
-    @property
-    def is_choice(self) -> bool:
-        return self.kind == "choice"
-
-    @property
-    def log_scale(self) -> bool:
-        """True when the range is searched (and best plotted) on a log axis."""
-        return self.kind == "loguniform"
-
-    def contains(self, value: Any) -> bool:
-        """Whether `value`, as written in a space file, is one of the choices or a number in the range."""
-        if self.is_choice:
-            return _label(value) in self.labels()
-        return not isinstance(value, bool) and isinstance(value, (int, float)) and self.low <= value <= self.high
-
-    def middle(self) -> Any:
-        """A representative value, as the searcher sees it: the middle choice, or the middle of the range
-        (geometric on a log scale, rounded down for integers)."""
-        if self.is_choice:
-            return self.labels()[len(self.values) // 2]
-        if self.log_scale:
-            return math.sqrt(self.low * self.high)
-        if self.kind == "randint":
-            return int((self.low + self.high) // 2)
-        return (self.low + self.high) / 2
-
-    def probes(self) -> list[Any]:
-        """The values that must all make a valid config: every choice, or both ends of the range."""
-        if self.is_choice:
-            return list(self.values)
-        if self.kind == "randint":
-            return [int(self.low), int(self.high)]
-        return [self.low, self.high]
-
-    def describe(self) -> str:
-        """'loguniform [1e-05, 0.01]', 'choice [16, 32]'."""
-        return f"{self.kind} {list(self.values) if self.is_choice else [self.low, self.high]}"
-
-    def distribution(self):
-        """The Optuna distribution Optuna's samplers draw it from."""
-        import optuna.distributions as od
-
-        if self.is_choice:
-            return od.CategoricalDistribution(self.labels())
-        if self.kind == "randint":
-            return od.IntDistribution(int(self.low), int(self.high))
-        return od.FloatDistribution(self.low, self.high, log=self.log_scale)
-
-    def ray_domain(self):
-        """The same as a Ray Tune search domain."""
-        from ray import tune
-
-        if self.is_choice:
-            return tune.choice(self.labels())
-        if self.kind == "randint":
-            return tune.randint(int(self.low), int(self.high) + 1)  # Ray's upper bound is exclusive
-        return (tune.loguniform if self.log_scale else tune.uniform)(self.low, self.high)
-
-
-@dataclass(frozen=True)
-class SearchSettings:
-    algorithm: str = "tpe"  # an Optuna sampler: tpe | gp | random (tuner/search_tables.py)
-    startup_trials: int = 10  # random trials before TPE or GP model the results (Optuna's default)
-    scheduler: str = "asha"  # asha | fifo (tuner/search_tables.py)
-    num_samples: int = 16
-    max_concurrent: int = 2
-    seed: int = 0
-    grace_period: int = 100  # steps every trial gets before ASHA may stop it
-    reduction_factor: int = 3
-    top_k: int = 3  # trials re-scored at accurate fidelity after the search
-    time_budget_s: float | None = None
-    max_failures: int = 1  # retries of a trial that raises, from its last checkpoint
-
-
-@dataclass(frozen=True)
-class Resources:
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0  # used only when the Ray cluster has GPUs
-
-
-@dataclass(frozen=True)
-class SearchSpace:
-    name: str
-    source: str  # the file it came from
-    sha256: str  # of the file's bytes: provenance in best_config.yaml
-    hyperparameters: tuple[Hyperparameter, ...]
-    fixed: dict[str, Any] = field(hash=False)  # TrialConfig dict the hyperparameters are laid over
-    search: SearchSettings = SearchSettings()
-    resources: Resources = Resources()
-    # Configs tried first (e.g. a known-good setting), complete and as searcher labels.
-    points_to_evaluate: tuple[dict[str, Any], ...] = ()
-
-    def trial_config(self, params: dict[str, Any]) -> TrialConfig:
-        """The complete config of the trial that Optuna or Ray sampled `params` for."""
-        tree = copy.deepcopy(self.fixed)
-        by_name = {hp.name: hp for hp in self.hyperparameters}
-        for name, sampled in params.items():
-            hp = by_name[name]
-            set_dotted(tree, hp.path, hp.decode(sampled))
-        return TrialConfig.from_dict(tree)
-
-    def check(self) -> None:
-        """Raise ConfigError now if the fixed config is not a valid TrialConfig (e.g. data 'mnist', no root)."""
-        _ = self.base_config
-
-    @cached_property
-    def base_config(self) -> TrialConfig:
-        """The fixed part with every default filled in, checked once (a SpaceError-worthy ConfigError if not)."""
-        return TrialConfig.from_dict(self.fixed)
-
-    def to_optuna(self) -> dict[str, Any]:
-        return {hp.name: hp.distribution() for hp in self.hyperparameters}
-
-    def to_ray(self) -> dict[str, Any]:
-        return {hp.name: hp.ray_domain() for hp in self.hyperparameters}
-
-
-# ---- loading -------------------------------------------------------------------------------------
 def load_space(path: str | Path) -> SearchSpace:
     try:
         raw, raw_bytes = read_yaml(path)
@@ -285,10 +141,11 @@ def _parse_hyperparameter(name: str, spec: Any, known_paths: dict[str, Any], fai
         values = spec.get("values")
         if not isinstance(values, list) or not values:
             fail(f"{where}.values", "must be a non-empty list")
-        labels = [_label(v) for v in values]
+        hp = Hyperparameter(name, path, kind, values=tuple(values))
+        labels = hp.labels()
         if len(set(map(repr, labels))) != len(labels):
             fail(f"{where}.values", f"has duplicates: {values}")
-        return Hyperparameter(name, path, kind, values=tuple(values))
+        return hp
     bounds = {}
     for key in ("low", "high"):
         value = spec.get(key)
@@ -332,7 +189,7 @@ def _parse_points(raw: Any, hyperparameters: list[Hyperparameter], fixed: dict[s
                     if hp.is_choice
                     else f"must be a number in [{hp.low}, {hp.high}], got {value!r}",
                 )
-            labelled[name] = _label(value)
+            labelled[name] = hp.label(value)
         # Optuna's warm start needs every hyperparameter; the unnamed ones take a neutral default.
         for hp in hyperparameters:
             labelled.setdefault(hp.name, _default_point(hp, fixed))
@@ -344,7 +201,7 @@ def _default_point(hp: Hyperparameter, fixed: dict[str, Any]) -> Any:
     """The fixed config's value when the range allows it, else the first choice or the range's middle."""
     value = TrialConfig.from_dict(fixed).flat()[hp.path]
     if hp.contains(value):
-        return _label(value)
+        return hp.label(value)
     return hp.labels()[0] if hp.is_choice else hp.middle()
 
 
@@ -364,7 +221,3 @@ def _parse_section(cls, raw: Any, section: str, fail):
         return build_dataclass(cls, {} if raw is None else raw, f"{section}.")
     except ConfigError as exc:
         fail(*str(exc).split(": ", 1))
-
-
-def _label(value: Any) -> Any:
-    return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else value

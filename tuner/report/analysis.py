@@ -1,17 +1,17 @@
 """What the report concludes from an experiment beyond its records: which trials tie with the winner (by the
-export's rule, tuner/export.py, so the page never disagrees with trials.csv) and where the scheduler may stop
+export's rule, tuner/winner.py, so the page never disagrees with trials.csv) and where the scheduler may stop
 a trial (by the scheduler table, tuner/search_tables.py)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tuner.export import TIE_STDERRS, ties_with_winner
 from tuner.search_tables import SCHEDULERS
+from tuner.winner import TIE_STDERRS, ties_with_winner
 
 if TYPE_CHECKING:
     from tuner.report.experiment import Experiment
-    from tuner.space import SearchSpace
+    from tuner.search_space import SearchSpace
 
 
 TIE_NOTES = {

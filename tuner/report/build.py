@@ -18,7 +18,7 @@ from tuner.report.figures import plot_hyperparameters, plot_importance, plot_res
 from tuner.report.importance import Importance, importance
 from tuner.report.page import page
 from tuner.report.sampling import Sampler, subprocess_sampler, winner_samples
-from tuner.space import SearchSpace
+from tuner.search_space import SearchSpace
 
 REPORT_DIR = "report"
 FIGURES = ("learning_curves", "importance", "hyperparameters", "rescores", "samples")

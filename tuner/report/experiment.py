@@ -17,9 +17,11 @@ import pandas as pd
 from trials.cli import UserError
 from trials.files import atomic_write_bytes
 from trials.layout import CHECKPOINT_FILE
-from tuner.export import pick_winner, read_provenance, read_rescores, read_table
+from tuner.export import read_provenance, read_rescores, read_table
 from tuner.mlflow_runs import is_finite_number, trial_status
-from tuner.space import SearchSpace, SpaceError, load_space
+from tuner.search_space import SearchSpace
+from tuner.space import SpaceError, load_space
+from tuner.winner import pick_winner
 
 SPACE_COPY = "space.yaml"
 
