@@ -43,11 +43,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--sampler",
         choices=IMAGE_SAMPLER_NAMES,
         default="pc",  # trials.sampling.IMAGE_SAMPLERS
-        help="pc: predictor-corrector; ode: probability flow",
+        help="an image sampler of trials.sampling.IMAGE_SAMPLERS: %(choices)s (pc: predictor-corrector; ode: "
+        "probability flow)",
     )
     p.add_argument("--n", type=positive_int, default=None, help="images (default: sample.n_images)")
     p.add_argument("--out", required=True, type=Path, help="PNG file for the grid")
-    p.add_argument("--steps", type=positive_int, default=None, help="PC predictor steps (default: sample.pc_steps)")
+    p.add_argument(
+        "--steps",
+        type=positive_int,
+        default=None,
+        help="the sampler's steps, e.g. PC's predictor steps (sample.pc_steps)",
+    )
     p.add_argument("--seed", type=int, default=None, help="default: sample.seed")
     p.add_argument("--device", type=device_name, default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda:N'")
     return p.parse_args(argv)
@@ -60,8 +66,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return status
 
-    if args.steps is not None and args.sampler == "ode":
-        return fail("--steps applies to --sampler pc; the ODE solver chooses its own steps")
     if not args.out.resolve().parent.is_dir():
         return fail(f"output folder does not exist: {args.out.parent}")
     if args.model and args.device.startswith("cuda"):
@@ -76,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     from trials.preview import checkpoint_file
     from trials.sampling import IMAGE_SAMPLERS, save_grid
     from trials.trainer import load_checkpoint, resolve_device
+
+    steps_setting = IMAGE_SAMPLERS[args.sampler].steps_setting  # the table says what --steps sets, if anything
+    if args.steps is not None and steps_setting is None:
+        return fail(f"--steps does not apply to --sampler {args.sampler}: it chooses its own steps")
 
     if args.model:
         from tuner.mlflow_model import load_model
@@ -98,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             return fail(f"{path} is not a trials.trainer checkpoint ({type(exc).__name__}: {first_line(exc)})")
 
     cfg = model.cfg
-    sc = cfg.sample if args.steps is None else dataclasses.replace(cfg.sample, pc_steps=args.steps)
+    sc = cfg.sample if args.steps is None else dataclasses.replace(cfg.sample, **{steps_setting: args.steps})
     n = args.n if args.n is not None else sc.n_images
     start = time.perf_counter()
     try:

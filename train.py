@@ -14,6 +14,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from trials.cli import EXIT_BAD_INPUT, EXIT_INTERRUPTED, OneLineArgumentParser, UserError, positive_int
@@ -236,6 +237,7 @@ def log_to_mlflow(args, plan, metrics, report, tracker, uri: str, log) -> int:
     tracker.log_results(metrics, full_run.output_files(plan, metrics), report)
     tracker.flush()  # the model is logged by MLflow's own client, to a run that must exist by now
     log("Logging the EMA network to MLflow as a PyTorch model (torch.export) ...")
+    started = time.perf_counter()
     model = log_model(
         uri,
         tracker.run_id,
@@ -249,12 +251,14 @@ def log_to_mlflow(args, plan, metrics, report, tracker, uri: str, log) -> int:
         log=log,
         keep_locally=lambda folder: tracker.outbox.log_artifact(tracker.key, folder, MODEL_NAME),
     )
+    exported_in = time.perf_counter() - started
     tracker.end("FINISHED")
     complete = tracker.flush()
     if model.model_uri:
         log(
             f"MLflow model: runs:/{tracker.run_id}/{MODEL_NAME} ({model.model_uri})"
             + (f", registered as {model.registered_uri}" if model.registered_uri else "")
+            + f"; exported and logged in {exported_in:.0f} s"
         )
     if model.local_copy:
         print(

@@ -146,7 +146,7 @@ def test_the_sampler_names_are_the_sampler_tables_keys():
     assert IMAGE_SAMPLER_NAMES == tuple(IMAGE_SAMPLERS)
 
 
-def test_a_new_image_sampler_is_the_two_places_the_page_names(monkeypatch, tmp_path):
+def test_a_new_image_sampler_is_the_two_places_the_page_names(monkeypatch, tmp_path, capsys):
     import torch
 
     import sample
@@ -158,7 +158,9 @@ def test_a_new_image_sampler_is_the_two_places_the_page_names(monkeypatch, tmp_p
     def draw(score, sde, shape, **settings):
         return Samples(torch.zeros(shape), 3)
 
-    monkeypatch.setitem(IMAGE_SAMPLERS, "sketch", Sampler("sketch", "grey squares", draw, lambda sc: {"steps": 3}))
+    monkeypatch.setitem(
+        IMAGE_SAMPLERS, "sketch", Sampler("sketch", "grey squares", draw, lambda sc: {"steps": 3}, None)
+    )
     rebind(monkeypatch, trials.config, "IMAGE_SAMPLER_NAMES", (*IMAGE_SAMPLER_NAMES, "sketch"))
 
     # The config: sample.sampler may name it, and "both" (every sampler) includes it.
@@ -167,6 +169,22 @@ def test_a_new_image_sampler_is_the_two_places_the_page_names(monkeypatch, tmp_p
     assert "sketch" in dataclasses.replace(cfg.sample, sampler="both").samplers()
     # sample.py --sampler
     assert sample.parse_args(["--checkpoint", "c.pt", "--sampler", "sketch", "--out", "o.png"]).sampler == "sketch"
+    # sample.py --steps follows the entry's steps_setting: None refuses it in one line.
+    argv = [
+        "--checkpoint",
+        str(tmp_path / "c.pt"),
+        "--sampler",
+        "sketch",
+        "--steps",
+        "5",
+        "--out",
+        str(tmp_path / "o.png"),
+    ]
+    assert sample.main(argv) == 2
+    assert (
+        capsys.readouterr().err
+        == "sample.py: error: --steps does not apply to --sampler sketch: it chooses its own steps\n"
+    )
 
     # The full run's end-of-run grid, and the MLflow metrics named after it.
     trainer = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), sde=make_sde(cfg.sde))
@@ -300,12 +318,8 @@ TABLE_STATEMENTS = {
     ("trials/sde.py", "SDES"),
     ("trials/data.py", "_READERS"),
 }
-# Comparisons that are not about which entries exist, each with why.
-KNOWN = {
-    # --steps overrides sample.pc_steps, the PC sampler's own setting; the ODE solver picks its steps itself. A new
-    # sampler that reads no pc_steps accepts --steps and ignores it: docs/extending.md says so.
-    ("sample.py", "main", "ode"),
-}
+# Comparisons that are not about which entries exist, each with why (none today).
+KNOWN: set[tuple[str, str, str]] = set()
 
 
 def entry_names() -> dict[str, str]:

@@ -354,9 +354,10 @@ def test_in_the_background_the_caller_never_waits_and_what_piled_up_goes_in_one_
     for key in keys:
         assert history(store, box.run_id(key)) == [(s, 10.0 - s / 10) for s in range(10, 110, 10)]
     assert store.client.get_run(box.run_id(keys[0])).info.status == "FINISHED"
-    # The first rung of the first run may have gone alone (the sender was started by it); the rest went merged,
-    # one call a run, not one a rung.
-    assert len(store.batches) <= 4 and sum(store.batches) == 30
+    # Two passes at most: the one the first record started (it read what the journal held then, on a loaded
+    # machine anything from one rung to all of them, and waited on the store) and the one after it. Each sends
+    # what it read merged, one call a run, so at most two calls a run, not one a rung (30).
+    assert len(store.batches) <= 2 * len(keys) and sum(store.batches) == 30
     assert len(box.lags_ms) == 34 and not (tmp_path / "exp" / OUTBOX_FILE).exists()
 
 

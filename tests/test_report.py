@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import copy
 import dataclasses
 import json
 import math
@@ -327,6 +328,13 @@ def test_learning_curves_draw_only_the_best_trials_strong(tmp_path):
         assert faint.get_alpha() <= 0.3
         assert max(faint.get_linewidths()) < min(line.get_linewidth() for line in lines.values())
         assert lines[f"strong {winner}"].get_linewidth() == max(line.get_linewidth() for line in lines.values())
+    # The axis names the fast fidelity's real solver: a fixed-step solve has no tolerance to quote.
+    for fast in ({"method": "rk4", "steps": 7}, {"method": "dopri5", "steps": 0, "rtol": 1e-4, "atol": 1e-4}):
+        fixed = copy.deepcopy(exp.space.fixed)
+        fixed.setdefault("eval", {}).setdefault("fast", {}).update(fast)
+        exp.space = dataclasses.replace(exp.space, fixed=fixed)
+        label = rp.learning_curves_figure(exp).axes[0].get_ylabel()
+        assert ("rk4 7 steps" in label and "rtol" not in label) if fast["steps"] else "dopri5 rtol 0.0001" in label
 
 
 def test_a_large_experiment_reports_the_exports_winner_and_ties(tmp_path):

@@ -210,6 +210,8 @@ class Sampler:
     about: str
     draw: Callable[..., Samples]
     settings: Callable[[SampleConfig], dict[str, Any]]
+    # The SampleConfig field `sample.py --steps` sets, or None for a sampler that chooses its own steps.
+    steps_setting: str | None
 
 
 class ScoreProgress:
@@ -310,6 +312,7 @@ IMAGE_SAMPLERS: dict[str, Sampler] = {
             "reverse-SDE predictor-corrector (Euler-Maruyama + Langevin), denoised last step",
             draw_pc,
             lambda sc: {"steps": sc.pc_steps, "corrector_steps": sc.corrector_steps, "snr": sc.snr},
+            "pc_steps",
         ),
         Sampler(
             "ode",
@@ -322,6 +325,7 @@ IMAGE_SAMPLERS: dict[str, Sampler] = {
                 "frame": sc.ode_frame,
                 "denoise": True,
             },
+            None,  # adaptive: the solver picks its steps
         ),
     )
 }

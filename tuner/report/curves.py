@@ -131,7 +131,7 @@ def learning_curves_figure(exp: Experiment, n_strong: int = STRONG):
     )
     fid = exp.space.base_config.eval.fast
     ax.set_xlabel("training step")
-    ax.set_ylabel(f"val bits/dim (fast: {fid.n_images} images, rtol {fid.rtol:g})")
+    ax.set_ylabel(f"val bits/dim (fast: {fid.n_images} images, {fid.describe()})")
     status_text = ", ".join(
         f"{counts[s]} {s}" + (f" ({silent[s]} without a report)" if silent.get(s) else "")
         for s in [*STATUS_COLOURS, *sorted(set(counts) - set(STATUS_COLOURS))]

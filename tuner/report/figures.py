@@ -162,7 +162,7 @@ def plot_rescores(exp: Experiment, tied: dict[str, bool], path: Path) -> Path | 
     ax.set_ylim(-0.7, len(rows) - 0.3)
     acc = exp.space.base_config.eval.accurate
     ax.set_xlabel(
-        f"val bits/dim, accurate ({acc.n_images} images, rtol {acc.rtol:g}): mean ± 1 stderr; "
+        f"val bits/dim, accurate ({acc.n_images} images, {acc.describe()}): mean ± 1 stderr; "
         "hollow diamond: last fast score"
     )
     ax.set_title("accurate re-scores of the best trials")
