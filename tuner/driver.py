@@ -174,7 +174,9 @@ def _start_ray(address: str | None) -> None:
 
         ctx = ray.init(address=address, runtime_env={"py_modules": [trials, tuner]}, log_to_driver=True)
     else:
-        ctx = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+        # "local", not None: ray.init() without an address joins the last cluster `ray start` left on this
+        # machine (another user's, another test's), while the promise is a Ray of this search's own.
+        ctx = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
     url = getattr(ctx, "dashboard_url", None)
     if not url:
         print("Ray dashboard: not running on this cluster", flush=True)
