@@ -8,6 +8,7 @@ ACTION is one of
     text:WORDS            click the innermost visible element whose text is WORDS
     type:CSS|TEXT         focus an input and type TEXT into it
     key:Escape            press a key
+    goto:URL              open another page in the same browser (what the page stored, e.g. a view, stays)
 Every step fails loudly when its element is missing, so a screenshot is never of the wrong page. PNGs over
 300 KB are reduced to 256 colours. Needs Debian's `chromium` and aiohttp (installed with Ray's dashboard).
 """
@@ -137,6 +138,9 @@ async def shoot(url: str, out: Path, steps: list[str], cookies: list[str], size:
                         ):
                             raise RuntimeError(f"{step}: no such element on {url}")
                         await page.send("Input.insertText", text=text)
+                    elif kind == "goto":
+                        await page.send("Page.navigate", url=arg)
+                        await asyncio.sleep(3)
                     elif kind == "key":
                         for event in ("keyDown", "keyUp"):
                             await page.send("Input.dispatchKeyEvent", type=event, key=arg, code=arg)
