@@ -22,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,10 +128,11 @@ def ray_list(cluster_address: str, env: dict[str, str], kind: str) -> list[dict]
     return json.loads(out.stdout)
 
 
-# ---- fixtures -----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    logs = tmp_path_factory.mktemp("cluster-logs")
+@contextmanager
+def two_node_cluster(logs: Path, node_flags: list[str]) -> Iterator[tuple[str, int, dict[str, str]]]:
+    """A head and a worker node on this machine, each started by `ray start` with `node_flags`; yields the
+    address, the dashboard port and the environment a process needs to join. The worker carries
+    WORKER_RESOURCE, so a test can tell where a task ran."""
     # Short paths: Ray puts Unix sockets under --temp-dir, and pytest's tmp paths overrun their ~107-byte limit.
     temp_root = Path(tempfile.mkdtemp(prefix="vpsde-ray-", dir="/tmp"))
     port, dashboard_port, client_port, head_agent_port, worker_agent_port = free_ports(5)
@@ -139,7 +142,7 @@ def cluster(tmp_path_factory):
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_DEDUP_LOGS": "0"}
     env.pop("RAY_ADDRESS", None)
     # Ray's default object store takes 30% of RAM per node; these trials pass a few MB.
-    common = ["--num-cpus=1", "--object-store-memory=200000000", "--disable-usage-stats", "--block"]
+    common = [*node_flags, "--object-store-memory=200000000", "--disable-usage-stats", "--block"]
     head_cmd = [
         str(BIN / "ray"),
         "start",
@@ -170,17 +173,23 @@ def cluster(tmp_path_factory):
         worker = start(worker_cmd, logs / "worker.log", env)
         started.append(worker)
         wait_for_line(worker, logs / "worker.log", "Ray runtime started")
+        yield address, dashboard_port, env
+    finally:
+        for proc in reversed(started):  # the worker first, so it does not outlive its head
+            stop(proc, grace_s=40)
+        shutil.rmtree(temp_root, ignore_errors=True)
 
+
+# ---- fixtures -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with two_node_cluster(tmp_path_factory.mktemp("cluster-logs"), ["--num-cpus=1"]) as (address, dashboard_port, env):
         nodes = [n for n in ray_list(address, env, "nodes") if n["state"] == "ALIVE"]
         assert len(nodes) == 2, nodes
         (head_node,) = [n for n in nodes if n["is_head_node"]]
         (worker_node,) = [n for n in nodes if WORKER_RESOURCE in n["resources_total"]]
         assert worker_node["node_id"] != head_node["node_id"]
         yield Cluster(address, dashboard_port, env, head_node["node_id"], worker_node["node_id"])
-    finally:
-        for proc in reversed(started):  # the worker first, so it does not outlive its head
-            stop(proc, grace_s=40)
-        shutil.rmtree(temp_root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

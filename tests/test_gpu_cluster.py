@@ -13,12 +13,8 @@ GPU request would show as a fifth trial on one GPU id. The cluster is started as
 """
 
 import json
-import os
-import secrets
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -26,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from tests.test_cluster import BIN, WORKER_RESOURCE, free_ports, ray_list, start, stop, wait_for_line
+from tests.test_cluster import ray_list, two_node_cluster
 from trials.trainer import trial_device
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,55 +88,11 @@ def test_a_trial_without_cuda_trains_on_the_cpu_and_says_why():
 
 @pytest.fixture(scope="module")
 def gpu_cluster(tmp_path_factory):
-    logs = tmp_path_factory.mktemp("gpu-cluster-logs")
-    temp_root = Path(tempfile.mkdtemp(prefix="vpsde-gpu-", dir="/tmp"))  # short: Ray's socket paths
-    port, dashboard_port, client_port, head_agent_port, worker_agent_port = free_ports(5)
-    address = f"127.0.0.1:{port}"
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_DEDUP_LOGS": "0"}
-    env.pop("RAY_ADDRESS", None)
-    common = [
-        f"--num-cpus={CPUS_PER_NODE}",
-        "--num-gpus=1",
-        "--object-store-memory=200000000",
-        "--disable-usage-stats",
-        "--block",
-    ]
-    head_cmd = [
-        str(BIN / "ray"),
-        "start",
-        "--head",
-        f"--port={port}",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dashboard_port}",
-        f"--ray-client-server-port={client_port}",
-        f"--dashboard-agent-listen-port={head_agent_port}",
-        f"--temp-dir={temp_root / 'head'}",
-        *common,
-    ]
-    worker_cmd = [
-        str(BIN / "ray"),
-        "start",
-        f"--address={address}",
-        f"--resources={json.dumps({WORKER_RESOURCE: 1})}",
-        f"--dashboard-agent-listen-port={worker_agent_port}",
-        f"--temp-dir={temp_root / 'worker'}",
-        *common,
-    ]
-    started = []
-    try:
-        head = start(head_cmd, logs / "head.log", env)
-        started.append(head)
-        wait_for_line(head, logs / "head.log", "Ray runtime started")
-        worker = start(worker_cmd, logs / "worker.log", env)
-        started.append(worker)
-        wait_for_line(worker, logs / "worker.log", "Ray runtime started")
+    flags = [f"--num-cpus={CPUS_PER_NODE}", "--num-gpus=1"]
+    with two_node_cluster(tmp_path_factory.mktemp("gpu-cluster-logs"), flags) as (address, _, env):
         nodes = [n for n in ray_list(address, env, "nodes") if n["state"] == "ALIVE"]
         assert len(nodes) == 2 and all(n["resources_total"].get("GPU") == 1 for n in nodes), nodes
         yield address, env
-    finally:
-        for proc in reversed(started):
-            stop(proc, grace_s=40)
-        shutil.rmtree(temp_root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
