@@ -32,15 +32,25 @@ def mnist5k():
     return load_data(TrialConfig().data)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_tracking_store_from_the_shell():
+    """Tests start tune.py and train.py as subprocesses, which take $MLFLOW_TRACKING_URI as their store: one set in
+    the developer's shell would send the tests' runs to that server, and the tests read their own stores. Unset for
+    the session (the one place: the subprocesses inherit os.environ), put back after."""
+    shell = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    if shell is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = shell
+
+
 @pytest.fixture(autouse=True)
-def no_tracking_store_leaks():
-    """Tests start tune.py and train.py as subprocesses, which take $MLFLOW_TRACKING_URI as their store; a test
-    that leaves it set (mlflow.set_tracking_uri exports it) would send every later test's runs to its store."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
+def no_tracking_store_leaks(no_tracking_store_from_the_shell):
+    """A test that leaves $MLFLOW_TRACKING_URI set (mlflow.set_tracking_uri exports it) would send every later
+    test's runs to its store."""
     yield
     after = os.environ.get("MLFLOW_TRACKING_URI")
-    if after != before:
+    if after is not None:
         import mlflow
 
-        mlflow.set_tracking_uri(before)
+        mlflow.set_tracking_uri(None)  # unsets it, for the tests after this one
         pytest.fail(f"the test left MLFLOW_TRACKING_URI={after!r} set for every later test")

@@ -240,9 +240,8 @@ def experiment(cluster, mlflow_server, tmp_path_factory):
         "--max-concurrent",
         "2",
     ]
-    # No MLFLOW_TRACKING_URI from the caller's shell: the run must reach the server through --mlflow-uri.
-    env = {k: v for k, v in cluster.env.items() if k != "MLFLOW_TRACKING_URI"}
-    result = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    # No MLFLOW_TRACKING_URI (tests/conftest.py): the run must reach the server through --mlflow-uri.
+    result = subprocess.run(cmd, cwd=workdir, env=cluster.env, capture_output=True, text=True, timeout=600)
     return Experiment(result, workdir / "runs" / "tiny", cluster, tracking_uri, artifacts_root)
 
 

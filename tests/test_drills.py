@@ -56,7 +56,7 @@ def drill_space(tmp_path: Path, **search) -> Path:
 
 def env() -> dict[str, str]:
     return {
-        **{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+        **os.environ,
         "RAY_DEDUP_LOGS": "0",
         "PYTHONUNBUFFERED": "1",
     }

@@ -6,7 +6,6 @@ attributes write_outputs reads from it. The command line runs in subprocesses, a
 """
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -117,11 +116,9 @@ def exported(tmp_path_factory):
 
 
 def train_py(*args, cwd: Path, timeout=300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *map(str, args)],
         cwd=cwd,
-        env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -174,8 +171,7 @@ def test_full_run_end_to_end_live_in_mlflow_stops_resumes_measures_and_logs_a_mo
     # trains, its MLflow run is RUNNING and holds the training log so far, val bits/dim at the trial's last step
     # (step 20) included.
     cmd = [sys.executable, "-u", str(ROOT / "train.py"), "--config", str(exported.path), "--steps", "100000"]
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
         if re.match(r"step +20/100000 .*val_bpd", line):
             break

@@ -111,7 +111,6 @@ def gpu_search(gpu_cluster, tmp_path_factory):
         "--storage",
         str(workdir / "runs"),
     ]
-    env = {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"}  # the default store under --storage
     result = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
     (workdir / "tune.out").write_text(result.stdout)  # kept with pytest's temp folders, to read after a failure
     (workdir / "tune.err").write_text(result.stderr)

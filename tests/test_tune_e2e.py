@@ -34,9 +34,7 @@ def space_file(tmp_path: Path, **search) -> Path:
 
 def tune(tmp_path, space: Path, *extra, wait=True):
     cmd = [sys.executable, str(ROOT / "tune.py"), "--space", str(space), "--storage", str(tmp_path / "runs"), *extra]
-    # The default store (<storage>/mlflow.db) is what these tests read: a store named by the caller's
-    # environment would take the runs elsewhere.
-    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, "RAY_DEDUP_LOGS": "0"}
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
     if not wait:
         return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
