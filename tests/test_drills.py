@@ -62,21 +62,27 @@ def env() -> dict[str, str]:
     }
 
 
+def tune_cmd(tmp_path: Path, space: Path, *extra: str) -> list[str]:
+    """tune.py on the drill's experiment ("drill" under tmp_path/runs)."""
+    runs = tmp_path / "runs"
+    return [
+        sys.executable,
+        str(ROOT / "tune.py"),
+        "--space",
+        str(space),
+        "--name",
+        "drill",
+        "--storage",
+        str(runs),
+        *extra,
+    ]
+
+
 def launch(tmp_path: Path, space: Path, *extra: str, log_name: str = "tune.log") -> tuple[subprocess.Popen, Path]:
     log = tmp_path / log_name
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                str(ROOT / "tune.py"),
-                "--space",
-                str(space),
-                "--name",
-                "drill",
-                "--storage",
-                str(tmp_path / "runs"),
-                *extra,
-            ],
+            tune_cmd(tmp_path, space, *extra),
             cwd=tmp_path,
             env=env(),
             stdout=out,
@@ -273,20 +279,7 @@ def test_tracking_server_gone_for_good_then_back_and_backfilled(tmp_path):
 
     server.start()
     try:
-        resumed = run(
-            [
-                sys.executable,
-                str(ROOT / "tune.py"),
-                "--space",
-                str(space),
-                "--name",
-                "drill",
-                "--storage",
-                str(tmp_path / "runs"),
-                "--resume",
-            ],
-            tmp_path,
-        )
+        resumed = run(tune_cmd(tmp_path, space, "--resume"), tmp_path)
         assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
         assert "finished search: nothing to re-run" in resumed.stdout
         assert results(experiment) == before  # nothing trained again
@@ -327,20 +320,7 @@ def test_driver_killed_and_a_checkpoint_truncated_then_resumed(tmp_path):
         damaged.append(path)
     assert damaged, f"trial {victim['trial_id']} has no checkpoint on disk"
 
-    resumed = run(
-        [
-            sys.executable,
-            str(ROOT / "tune.py"),
-            "--space",
-            str(space),
-            "--name",
-            "drill",
-            "--storage",
-            str(tmp_path / "runs"),
-            "--resume",
-        ],
-        tmp_path,
-    )
+    resumed = run(tune_cmd(tmp_path, space, "--resume"), tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
 
     table = pd.read_csv(experiment / "trials.csv")
