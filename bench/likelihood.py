@@ -6,8 +6,8 @@ checkpoint is scored on the same images, dequantization noise and Rademacher pro
 
   * frame t, adaptive dopri5: the evaluator before the logsnr frame, at the fast (1e-2, cpu.yaml) and
     accurate (1e-5) tolerances, and at 1e-3 and 1e-4 in between;
-  * frame logsnr, fixed-step rk4 uniform in lambda: the fast (7 steps) and accurate (32 steps) defaults,
-    and 16 steps in between;
+  * frame logsnr, fixed-step rk4 uniform in lambda: the fast default (7 steps), the accurate fidelity before
+    the multistep solver (32 steps; bench/fidelity_bias.py measures that one), and 16 steps in between;
   * the published approach: `published_log_likelihood` below, written the way score_sde_pytorch's
     likelihood.py does it (scipy solve_ivp RK45 on a flattened float64 numpy state; the drift by one
     forward pass, the divergence by a second forward pass plus a backward pass), at the fast and the
