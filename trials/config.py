@@ -261,9 +261,10 @@ class EvalConfig:
     estimator: str = "rademacher"  # Hutchinson probes: "rademacher" or "gaussian"; "exact" for tiny inputs
     seed: int = 0  # fixes the validation subset, the dequantization noise and the probes
     batch_size: int = 128  # images per ODE solve
-    # The logsnr frame. Fast: rk4 on 7 equal steps in lambda (28 NFE) ranks checkpoints as the accurate setting
-    # does. Accurate: the exponential multistep solver on 63 steps (64 NFE) is within 0.005 bits/dim of a 1e-7
-    # solve on every config measured (bench/fidelity_bias.py, docs/metric.md).
+    # The logsnr frame. Fast: rk4 on 7 equal steps in lambda (28 NFE) reads 0.14-0.28 bits/dim low, by an amount
+    # that depends on the model (the multistep solver on 31 steps reads within 0.01; it replaces rk4 once the
+    # replay table is re-recorded with it). Accurate: the multistep solver on 63 steps (64 NFE) is within 0.005
+    # bits/dim of a 1e-7 solve on every config measured (bench/fidelity_bias.py, docs/metric.md).
     fast: FidelityConfig = field(default_factory=lambda: FidelityConfig(n_images=64, method="rk4", steps=7))
     accurate: FidelityConfig = field(default_factory=lambda: FidelityConfig(n_images=500, method="multistep", steps=63))
 
