@@ -364,7 +364,7 @@ def check_reference(scores: dict, steps: list[int]) -> None:
     ]
     if not rows:
         return
-    main = [s.name for s in SETTINGS if s.name in MAIN]
+    main = list(MAIN)
     print()
     print(f"Check of the reference against {TIGHT} (bits/dim; each setting's difference from {TIGHT}):")
     print()
