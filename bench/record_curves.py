@@ -1,6 +1,7 @@
 """Record real learning curves over a grid of a search space, once, for the tuning replay.
 
     python bench/record_curves.py [--space search_spaces/cpu.yaml] [--out bench/data/cpu_curves.csv]
+                                  [--also OTHER_SPACE.yaml=OTHER_TABLE.csv ...]
                                   [--weights runs/curve_weights] [--phase train|score|both]
                                   [--workers 2] [--lrs 1e-5 ...] [--eps 1e-5 1e-4 1e-3]
 
@@ -17,7 +18,11 @@ Two phases, each resumable (run the same command again after an interruption):
           training seconds, losses and precision), a config at a time;
   score   scores every kept rung with the space's evaluator at each eps and appends one CSV row per
           (config, rung, eps) to --out, a config at a time.
-Keeping the weights lets the table be re-scored when the evaluator changes, without training again.
+`both` (the default) does the two for each config in turn in one worker, so that a stop leaves whole
+configs in the table and no worker waits at the end of a phase. Keeping the weights lets the table be
+re-scored when the evaluator changes, without training again; `--also SPACE=CSV` scores the same weights
+with another space's evaluator into a second table as well (a paired comparison of two fidelities: the
+spaces must differ in `eval` only).
 """
 
 from __future__ import annotations
@@ -76,7 +81,7 @@ def key(point: dict) -> tuple:
     return (f"{float(point['lr']):.6g}", str(point["batch_size"]), str(point["num_res_blocks"]), str(point["ch_mult"]))
 
 
-def _init_worker(space_path: str) -> None:
+def _init_worker(space_paths: list[str]) -> None:
     import torch
 
     from trials.data import load_data
@@ -84,10 +89,11 @@ def _init_worker(space_path: str) -> None:
     from tuner.space import load_space
 
     torch.set_num_threads(1)
-    space = load_space(space_path)
-    base = space.base_config
+    spaces = [load_space(p) for p in space_paths]
+    base = spaces[0].base_config
     data = load_data(base.data)
-    _worker.update(space=space, data=data, evaluator=LikelihoodEvaluator.build(data.val, base.eval, base.data.centered))
+    evaluators = [LikelihoodEvaluator.build(data.val, s.base_config.eval, base.data.centered) for s in spaces]
+    _worker.update(space=spaces[0], data=data, evaluators=evaluators)
 
 
 def _folder(weights: Path, point: dict) -> Path:
@@ -136,8 +142,8 @@ def train_one(args: tuple[dict, str]) -> dict:
     return summary
 
 
-def score_one(args: tuple[dict, str, list[float]]) -> list[dict]:
-    """Score every kept rung of one grid point at every eps with the space's evaluator."""
+def score_one(args: tuple[dict, str, list[float], int]) -> list[dict]:
+    """Score every kept rung of one grid point at every eps with the evaluator of space number `which`."""
     import json
 
     import torch
@@ -146,8 +152,8 @@ def score_one(args: tuple[dict, str, list[float]]) -> list[dict]:
     from trials.sde import make_sde
     from trials.trainer import eval_model_from_checkpoint
 
-    point, weights, eps_grid = args
-    evaluator = _worker["evaluator"]
+    point, weights, eps_grid, which = args
+    evaluator = _worker["evaluators"][which]
     folder = _folder(Path(weights), point)
     summary = json.loads((folder / "rungs.json").read_text())
     rows = []
@@ -189,71 +195,125 @@ def score_one(args: tuple[dict, str, list[float]]) -> list[dict]:
     return rows
 
 
+def record_one(args: tuple[dict, str, list[float], list[int]]) -> tuple[dict, dict[int, list[dict]]]:
+    """Train one grid point unless its weights are kept, then score it into each table numbered in `tables`."""
+    point, weights, eps_grid, tables = args
+    if not (_folder(Path(weights), point) / "rungs.json").exists():
+        train_one((point, weights))
+    return point, {i: score_one((point, weights, eps_grid, i)) for i in tables}
+
+
+def _table(spec: str) -> tuple[str, Path]:
+    space, sep, out = spec.partition("=")
+    if not sep or not space or not out:
+        raise SystemExit(f"record_curves.py: --also {spec!r}: expected SPACE.yaml=TABLE.csv")
+    return space, Path(out)
+
+
+def _check_same_training(spaces: list[str]) -> None:
+    """Every table scores the first space's weights, so the spaces may differ in how they score only."""
+    from tuner.space import load_space
+
+    def without_eval(path):
+        raw = load_space(path).base_config.to_dict()
+        raw.pop("eval")
+        return raw
+
+    first = without_eval(spaces[0])
+    for other in spaces[1:]:
+        if without_eval(other) != first:
+            raise SystemExit(f"record_curves.py: --also {other}: differs from {spaces[0]} outside `eval`")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--space", default=str(ROOT / "search_spaces" / "cpu.yaml"))
     parser.add_argument("--out", default=str(ROOT / "bench" / "data" / "cpu_curves.csv"))
+    parser.add_argument("--also", action="append", default=[], metavar="SPACE=CSV", help="score into a second table")
     parser.add_argument("--weights", default=str(ROOT / "runs" / "curve_weights"))
     parser.add_argument("--phase", choices=("train", "score", "both"), default="both")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--lrs", type=float, nargs="+", default=DEFAULT_LRS)
     parser.add_argument("--eps", type=float, nargs="+", default=DEFAULT_EPS)
-    parser.add_argument("--limit", type=int, default=None, help="do at most this many grid points in each phase")
+    parser.add_argument("--limit", type=int, default=None, help="do at most this many grid points")
     args = parser.parse_args(argv)
 
     from tuner.space import load_space
 
+    tables = [(args.space, Path(args.out)), *map(_table, args.also)]
+    spaces = [space for space, _ in tables]
+    _check_same_training(spaces)
     points = grid(load_space(args.space), args.lrs)
     weights = Path(args.weights)
-    out = Path(args.out)
-    scored = set()
-    if out.exists():
-        with out.open() as f:
-            scored = {key(r) for r in csv.DictReader(f)}
-    if args.phase in ("train", "both"):
-        # Weights stay on the machine that trained them; a config already in the table needs none.
-        trained = [p for p in points if (_folder(weights, p) / "rungs.json").exists() or key(p) in scored]
-        todo = [p for p in points if p not in trained][: args.limit]
+    scored = [_keys_in(out) for _, out in tables]  # per table: the grid points already in it
+
+    def is_trained(p):
+        return (_folder(weights, p) / "rungs.json").exists()
+
+    def missing(p):
+        return [i for i, done in enumerate(scored) if key(p) not in done]
+
+    if args.phase == "train":
+        # Weights stay on the machine that trained them; a config already in every table needs none.
+        todo = [p for p in points if not is_trained(p) and missing(p)][: args.limit]
         _run_pool(
-            f"train: {len(points)} grid points, {len(trained)} trained",
-            args,
+            f"train: {len(points)} grid points, {len(points) - len(todo)} trained or scored",
+            args.workers,
+            spaces,
             train_one,
             [(p, str(weights)) for p in todo],
             lambda s: f"step {s['rungs'][-1]['step']}, {sum(r['train_seconds'] for r in s['rungs']):.0f} s of training",
         )
-    if args.phase in ("score", "both"):
+        return 0
+    todo = [p for p in points if missing(p) and (args.phase == "both" or is_trained(p))][: args.limit]
+    files = []
+    for _, out in tables:
         out.parent.mkdir(parents=True, exist_ok=True)
-        done = scored
-        todo = [p for p in points if key(p) not in done and (_folder(weights, p) / "rungs.json").exists()][: args.limit]
         new_file = not out.exists()
-        with out.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            if new_file:
-                writer.writeheader()
+        files.append(out.open("a", newline=""))
+        if new_file:
+            csv.DictWriter(files[-1], fieldnames=COLUMNS).writeheader()
+    writers = [csv.DictWriter(f, fieldnames=COLUMNS) for f in files]
 
-            def append(rows):
-                writer.writerows(rows)
-                f.flush()
-                os.fsync(f.fileno())
-                return f"{len(rows)} rows, last val_bpd {rows[-1]['val_bpd']:.3f}"
+    def append(result):
+        _point, rows_by_table = result
+        for i, rows in rows_by_table.items():
+            writers[i].writerows(rows)
+            files[i].flush()
+            os.fsync(files[i].fileno())
+        return ", ".join(
+            f"{Path(tables[i][1]).name}: last val_bpd {rows[-1]['val_bpd']:.3f}" for i, rows in rows_by_table.items()
+        )
 
-            _run_pool(
-                f"score: {len(points)} grid points, {len(done)} in {out}",
-                args,
-                score_one,
-                [(p, str(weights), args.eps) for p in todo],
-                append,
-            )
+    try:
+        _run_pool(
+            f"{args.phase}: {len(points)} grid points, {min(map(len, scored))} in every table",
+            args.workers,
+            spaces,
+            record_one,
+            [(p, str(weights), args.eps, missing(p)) for p in todo],
+            append,
+        )
+    finally:
+        for f in files:
+            f.close()
     return 0
 
 
-def _run_pool(title: str, args, fn, jobs: list, describe) -> None:
-    print(f"{title}, {len(jobs)} to go ({args.workers} workers, 1 torch thread each)", flush=True)
+def _keys_in(table: Path) -> set[tuple]:
+    if not table.exists():
+        return set()
+    with table.open() as f:
+        return {key(r) for r in csv.DictReader(f)}
+
+
+def _run_pool(title: str, workers: int, spaces: list[str], fn, jobs: list, describe) -> None:
+    print(f"{title}, {len(jobs)} to go ({workers} workers, 1 torch thread each)", flush=True)
     if not jobs:
         return
     start = time.time()
     ctx = mp.get_context("spawn")  # fresh interpreters: no torch thread pools inherited from the parent
-    with ctx.Pool(args.workers, initializer=_init_worker, initargs=(args.space,)) as pool:
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(spaces,)) as pool:
         for i, result in enumerate(pool.imap_unordered(fn, jobs), 1):
             elapsed = time.time() - start
             print(f"[{i}/{len(jobs)}] {describe(result)}; ETA {elapsed / i * (len(jobs) - i) / 60:.1f} min", flush=True)
