@@ -15,7 +15,7 @@ import heapq
 import itertools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -63,6 +63,11 @@ class CurveTable:
     def _nearest_log(grid: np.ndarray, value: float) -> float:
         return float(grid[np.argmin(np.abs(np.log(grid) - math.log(value)))])
 
+    def value(self, key: tuple, eps: float, step: int) -> float:
+        """The recorded val bits/dim of a grid point at one rung and eps (a pick read in another table)."""
+        (rung,) = [r for r in self.curves[key] if r.step == step]
+        return rung.by_eps[eps][0]
+
     def snap(self, params: dict) -> tuple[tuple, float]:
         """The grid point a proposal lands on, and its eps."""
         key = self._key(
@@ -87,14 +92,21 @@ class _Trial:
 
 @dataclass
 class Run:
-    """One simulated search: every rung report as (seconds, val_bpd), and the trials started."""
+    """One simulated search: every rung report as (seconds, val_bpd), what each reported on as (grid point,
+    eps, step) in the same order, and the trials started."""
 
     reports: list[tuple[float, float]]
     trials: int
+    picks: list[tuple[tuple, float, int]] = field(default_factory=list)
 
     def best_by(self, seconds: float) -> float:
         values = [v for t, v in self.reports if t <= seconds and math.isfinite(v)]
         return min(values) if values else math.inf
+
+    def best_pick_by(self, seconds: float) -> tuple[tuple, float, int] | None:
+        """The (grid point, eps, step) behind best_by(seconds): what the search would call its best so far."""
+        seen = [(v, i) for i, (t, v) in enumerate(self.reports) if t <= seconds and math.isfinite(v)]
+        return self.picks[min(seen)[1]] if seen else None
 
     def time_to(self, target: float) -> float:
         for t, v in sorted(self.reports):
@@ -110,6 +122,7 @@ def simulate(strategy: Strategy, table: CurveTable, seed: int, horizon_s: float,
     state: dict[str, dict] = {}
     counter = itertools.count()
     reports: list[tuple[float, float]] = []
+    picks: list[tuple[tuple, float, int]] = []
 
     def rung_cost(s: dict, i: int) -> float:
         rung = s["rungs"][i]
@@ -123,7 +136,7 @@ def simulate(strategy: Strategy, table: CurveTable, seed: int, horizon_s: float,
         trial_id = f"t{len(state)}"
         params = searcher.suggest(trial_id)
         key, eps = table.snap(params)
-        s = {"rungs": table.curves[key], "eps": eps, "setup": table.setup[key], "i": 0}
+        s = {"key": key, "rungs": table.curves[key], "eps": eps, "setup": table.setup[key], "i": 0}
         state[trial_id] = s
         scheduler.on_trial_add(None, _Trial(trial_id))
         heapq.heappush(events, (now + rung_cost(s, 0), next(counter), trial_id))
@@ -146,6 +159,7 @@ def simulate(strategy: Strategy, table: CurveTable, seed: int, horizon_s: float,
             "training_iteration": s["i"] + 1,
         }
         reports.append((now, value))
+        picks.append((s["key"], eps, rung.step))
         decision = scheduler.on_trial_result(None, _Trial(trial_id), result)
         searcher.on_trial_result(trial_id, result)
         last = s["i"] + 1 >= len(s["rungs"]) or rung.diverged
@@ -156,7 +170,7 @@ def simulate(strategy: Strategy, table: CurveTable, seed: int, horizon_s: float,
         else:
             s["i"] += 1
             heapq.heappush(events, (now + rung_cost(s, s["i"]), next(counter), trial_id))
-    return Run(reports, len(state))
+    return Run(reports, len(state), picks)
 
 
 # ---- statistics -------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Tuning efficiency: does the search find better configs faster than random search + FIFO (the seed's setup)?
 
     python bench/tuning_efficiency.py --replay [--seeds 50] [--slots 2] [--budgets 5 10 20 40] [--table ...]
+                                      [--truth ANOTHER_TABLE]
     python bench/tuning_efficiency.py --live [--budget 480] [--seeds 0] [--strategies default random-fifo]
 
 --replay (minutes on 2 cores) replays each strategy against the recorded learning curves of
@@ -9,7 +10,9 @@ the libraries' own searcher and scheduler code (bench/replay.py). It prints, per
 fast val bits/dim at each budget (5, 10, 20 and 40 minutes at 2 slots) with its 95% interval and
 interquartile range, the median time to a common target (random + FIFO's median best at the last budget)
 and, as the last line, `speedup_vs_random_fifo: X`: random + FIFO's median time to target over the default
-strategy's (the space's own search settings).
+strategy's (the space's own search settings). `--truth` reads each run's best pick (its grid point, eps and
+step) in a second table of the same grid scored another way, such as by a more accurate fast fidelity
+(record_curves.py --also): how good the search's choice really is, not how good it looked.
 
 At more slots the default budgets shrink in proportion (at 8 slots: 1.25, 2.5, 5 and 10 minutes), so every
 slot count is compared at the same compute, in trial-minutes; `--budgets` sets wall-clock minutes instead.
@@ -207,6 +210,9 @@ def replay(args) -> None:
 
     space = load_space(args.space)
     table = CurveTable.read(args.table)
+    truth = CurveTable.read(args.truth) if args.truth else None
+    if truth and (set(table.curves) - set(truth.curves) or set(table.eps) - set(truth.eps)):
+        raise SystemExit(f"tuning_efficiency.py: --truth {args.truth}: does not hold every grid point of {args.table}")
     strategies, default = replay_strategies(space, table)
     baseline = next(iter(strategies))
     labels = list(strategies)
@@ -281,7 +287,27 @@ def replay(args) -> None:
         )
     lo, hi = speedup_interval(times_min[baseline], times_min[default])
     print(f"speedup 95% interval (bootstrap over seeds): [{lo:.2f}, {hi:.2f}]")
+    if truth:
+        print_truth_of_picks(truth, args.truth, runs, budgets, default)
     print(f"speedup_vs_random_fifo: {ttt[baseline] / ttt[default]:.2f}")
+
+
+def print_truth_of_picks(truth, path: Path, runs: dict, budgets, default: str) -> None:
+    """Per strategy and budget: the median [95% interval] of the best pick's val bits/dim read in `truth`."""
+    from bench.replay import median_ci
+
+    print(f"\nThe best pick read in {path} (the same grid point, eps and step, scored there): median [95% interval]\n")
+    print("| strategy | " + " | ".join(minutes(b) for b in budgets) + " |")
+    print("|---|" + "---:|" * len(budgets))
+    for label, label_runs in runs.items():
+        cells = []
+        for b in budgets:
+            picks = [r.best_pick_by(b * 60) for r in label_runs]
+            med, lo, hi = median_ci([truth.value(*p) if p else math.inf for p in picks])
+            cells.append(f"{med:.3f} [{lo:.3f}, {hi:.3f}]")
+        name = f"**{label}** (default)" if label == default else label
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print()
 
 
 def live(args) -> None:
@@ -317,6 +343,7 @@ def main() -> None:
     mode.add_argument("--live", action="store_true", help="run tune.py for real under a time budget")
     p.add_argument("--space", type=Path, default=ROOT / "search_spaces" / "cpu.yaml")
     p.add_argument("--table", type=Path, default=ROOT / "bench" / "data" / "cpu_curves.csv")
+    p.add_argument("--truth", type=Path, default=None, help="replay: read each best pick in this table too")
     p.add_argument("--seeds", type=positive_int, default=50, help="replay: seeds per strategy")
     p.add_argument(
         "--first-seed",

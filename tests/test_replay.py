@@ -15,12 +15,12 @@ STEPS = (10, 20, 40)
 LRS = (1e-4, 1e-3, 1e-2)
 
 
-def table(train_seconds=5.0, eval_seconds=1.0, setup=2.0) -> CurveTable:
+def table(train_seconds=5.0, eval_seconds=1.0, setup=2.0, offset=0.0) -> CurveTable:
     rows = []
     for lr, b in itertools.product(LRS, (16, 32)):
         for step in STEPS:
             for eps in (1e-5, 1e-3):
-                value = 10 - math.log10(lr) * step / 40 + (0.5 if eps == 1e-3 else 0.0)
+                value = 10 - math.log10(lr) * step / 40 + (0.5 if eps == 1e-3 else 0.0) + offset
                 rows.append(
                     {
                         "lr": lr,
@@ -94,6 +94,16 @@ def test_best_by_and_time_to_target():
     target = run.best_by(100.0)
     assert run.time_to(target) <= 100.0 and run.best_by(run.time_to(target)) == target
     assert run.time_to(target - 1e-9) == math.inf and run.best_by(1.0) == math.inf
+
+
+def test_the_best_pick_is_the_report_best_by_names_and_reads_in_another_table():
+    run = simulate(Strategy(random_searcher, FIFOScheduler), table(), seed=0, horizon_s=100.0)
+    assert len(run.picks) == len(run.reports)
+    for seconds in (10.0, 50.0, 100.0):
+        pick = run.best_pick_by(seconds)
+        assert table().value(*pick) == run.best_by(seconds)
+        assert table(offset=0.25).value(*pick) == run.best_by(seconds) + 0.25  # the same point, scored elsewhere
+    assert run.best_pick_by(1.0) is None
 
 
 def test_median_interval_covers_the_median_and_tightens_with_more_seeds():
