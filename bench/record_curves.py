@@ -198,7 +198,7 @@ def score_one(args: tuple[dict, str, list[float], int]) -> list[dict]:
 def record_one(args: tuple[dict, str, list[float], list[int]]) -> tuple[dict, dict[int, list[dict]]]:
     """Train one grid point unless its weights are kept, then score it into each table numbered in `tables`."""
     point, weights, eps_grid, tables = args
-    if not (_folder(Path(weights), point) / "rungs.json").exists():
+    if not _is_trained(Path(weights), point):
         train_one((point, weights))
     return point, {i: score_one((point, weights, eps_grid, i)) for i in tables}
 
@@ -247,25 +247,22 @@ def main(argv: list[str] | None = None) -> int:
     weights = Path(args.weights)
     scored = [_keys_in(out) for _, out in tables]  # per table: the grid points already in it
 
-    def is_trained(p):
-        return (_folder(weights, p) / "rungs.json").exists()
-
     def missing(p):
         return [i for i, done in enumerate(scored) if key(p) not in done]
 
     if args.phase == "train":
         # Weights stay on the machine that trained them; a config already in every table needs none.
-        todo = [p for p in points if not is_trained(p) and missing(p)][: args.limit]
+        untrained = [p for p in points if not _is_trained(weights, p) and missing(p)]
         _run_pool(
-            f"train: {len(points)} grid points, {len(points) - len(todo)} trained or scored",
+            f"train: {len(points)} grid points, {len(points) - len(untrained)} trained or scored",
             args.workers,
             spaces,
             train_one,
-            [(p, str(weights)) for p in todo],
+            [(p, str(weights)) for p in untrained[: args.limit]],
             lambda s: f"step {s['rungs'][-1]['step']}, {sum(r['train_seconds'] for r in s['rungs']):.0f} s of training",
         )
         return 0
-    todo = [p for p in points if missing(p) and (args.phase == "both" or is_trained(p))][: args.limit]
+    todo = [p for p in points if missing(p) and (args.phase == "both" or _is_trained(weights, p))][: args.limit]
     files = []
     for _, out in tables:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -298,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
         for f in files:
             f.close()
     return 0
+
+
+def _is_trained(weights: Path, point: dict) -> bool:
+    return (_folder(weights, point) / "rungs.json").exists()  # written last by train_one: the config's "done" mark
 
 
 def _keys_in(table: Path) -> set[tuple]:
