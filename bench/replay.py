@@ -173,6 +173,39 @@ def simulate(strategy: Strategy, table: CurveTable, seed: int, horizon_s: float,
     return Run(reports, len(state), picks)
 
 
+def table_agreement(table: CurveTable, other: CurveTable) -> pd.DataFrame:
+    """Per rung step, how `other` reads the points of `table` (the same weights scored another way): the
+    points finite in both, the median, lowest and highest of other - table, and Kendall's tau between the two
+    orderings of the points (grid point and eps), which is what a search compares: over all of them, and over
+    the best quarter by `other`, where a search's late decisions are made and the bad points cannot pad it."""
+    from scipy.stats import kendalltau
+
+    cols = [*HP, "step", "sampling_eps"]
+
+    def keyed(t: CurveTable) -> pd.Series:
+        f = t.frame.assign(ch_mult=t.frame["ch_mult"].astype(str), lr=t.frame["lr"].round(12))
+        return f.set_index(cols)["val_bpd"]
+
+    both = pd.concat({"table": keyed(table), "other": keyed(other)}, axis=1, join="inner")
+    both = both[np.isfinite(both["table"]) & np.isfinite(both["other"])]
+    rows = []
+    for step, at in both.groupby(level="step"):
+        gap = at["other"] - at["table"]
+        best = at[at["other"] <= at["other"].quantile(0.25)]
+        rows.append(
+            {
+                "step": int(step),
+                "points": len(at),
+                "gap_median": float(gap.median()),
+                "gap_min": float(gap.min()),
+                "gap_max": float(gap.max()),
+                "kendall_tau": float(kendalltau(at["table"], at["other"]).statistic),
+                "kendall_tau_best_quarter": float(kendalltau(best["table"], best["other"]).statistic),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 # ---- statistics -------------------------------------------------------------------------------------
 def median_ci(values, confidence: float = 0.95) -> tuple[float, float, float]:
     """Median and a distribution-free confidence interval for it (binomial order statistics)."""

@@ -288,14 +288,23 @@ def replay(args) -> None:
     lo, hi = speedup_interval(times_min[baseline], times_min[default])
     print(f"speedup 95% interval (bootstrap over seeds): [{lo:.2f}, {hi:.2f}]")
     if truth:
-        print_truth_of_picks(truth, args.truth, runs, budgets, default)
+        print_truth_of_picks(table, truth, args.truth, runs, budgets, default)
     print(f"speedup_vs_random_fifo: {ttt[baseline] / ttt[default]:.2f}")
 
 
-def print_truth_of_picks(truth, path: Path, runs: dict, budgets, default: str) -> None:
-    """Per strategy and budget: the median [95% interval] of the best pick's val bits/dim read in `truth`."""
-    from bench.replay import median_ci
+def print_truth_of_picks(table, truth, path: Path, runs: dict, budgets, default: str) -> None:
+    """How `truth` reads the table's points, then per strategy and budget the median [95% interval] of the
+    best pick's val bits/dim read in `truth`."""
+    from bench.replay import median_ci, table_agreement
 
+    print(f"\nThe same points read in {path} (its value minus this table's; tau: the two orderings of the points)\n")
+    print("| step | points | median gap | lowest | highest | Kendall tau | tau, best quarter |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for r in table_agreement(table, truth).itertuples():
+        print(
+            f"| {r.step} | {r.points} | {r.gap_median:+.3f} | {r.gap_min:+.3f} | {r.gap_max:+.3f} | "
+            f"{r.kendall_tau:.3f} | {r.kendall_tau_best_quarter:.3f} |"
+        )
     print(f"\nThe best pick read in {path} (the same grid point, eps and step, scored there): median [95% interval]\n")
     print("| strategy | " + " | ".join(minutes(b) for b in budgets) + " |")
     print("|---|" + "---:|" * len(budgets))

@@ -8,7 +8,16 @@ import optuna.distributions as od
 import pandas as pd
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from bench.replay import CurveTable, Strategy, compare_medians, median_ci, quartiles, simulate, speedup_interval
+from bench.replay import (
+    CurveTable,
+    Strategy,
+    compare_medians,
+    median_ci,
+    quartiles,
+    simulate,
+    speedup_interval,
+    table_agreement,
+)
 from tuner.searcher import OptunaSearcher, make_sampler
 
 STEPS = (10, 20, 40)
@@ -104,6 +113,16 @@ def test_the_best_pick_is_the_report_best_by_names_and_reads_in_another_table():
         assert table().value(*pick) == run.best_by(seconds)
         assert table(offset=0.25).value(*pick) == run.best_by(seconds) + 0.25  # the same point, scored elsewhere
     assert run.best_pick_by(1.0) is None
+
+
+def test_table_agreement_reads_the_gap_and_the_ordering_of_the_same_points():
+    shifted = table_agreement(table(), table(offset=0.25))
+    assert list(shifted.step) == list(STEPS) and (shifted.points == 12).all()  # 6 grid points x 2 eps a step
+    assert np.allclose(shifted[["gap_median", "gap_min", "gap_max"]], 0.25)
+    assert np.allclose(shifted[["kendall_tau", "kendall_tau_best_quarter"]], 1.0)
+    flipped = table().frame.assign(val_bpd=lambda f: -f.val_bpd)  # the opposite ordering at every step
+    opposite = table_agreement(table(), CurveTable(flipped))
+    assert np.allclose(opposite[["kendall_tau", "kendall_tau_best_quarter"]], -1.0)
 
 
 def test_median_interval_covers_the_median_and_tightens_with_more_seeds():
