@@ -135,7 +135,7 @@ def train_phase(args, deadline: float) -> None:
 class Setting:
     name: str
     fidelity: FidelityConfig
-    role: str = ""  # "fast (default)", "accurate (before)", "candidate fast", "accurate (default)", ...
+    role: str = ""  # "fast (default)", "fast (before)", "accurate (default)", "accurate (before)", ...
 
 
 def _f(method: str, steps: int = 0, tol: float = 1e-3) -> FidelityConfig:
@@ -162,12 +162,12 @@ VARIANTS: dict[str, dict] = {
 }
 
 SETTINGS = [
-    Setting("rk4x7", _f("rk4", 7), "fast (default)"),
+    Setting("rk4x7", _f("rk4", 7), "fast (before)"),
     Setting("rk4x32", _f("rk4", 32), "accurate (before)"),
     Setting("rk4x128", _f("rk4", 128), "reference"),
     Setting("dopri5-1e-7", _f("dopri5", tol=1e-7), "check of the reference"),
     Setting("multistepx27", _f("multistep", 27), "variant"),
-    Setting("multistepx31", _f("multistep", 31), "candidate fast"),
+    Setting("multistepx31", _f("multistep", 31), "fast (default)"),
     Setting("multistepx63", _f("multistep", 63), "accurate (default)"),
     *[Setting(f"{v}x{n}", _f(v, n), "variant") for v in VARIANTS for n in (15, 27, 31, 63, 255)],
     Setting("multistepx15", _f("multistep", 15), "variant"),

@@ -239,16 +239,17 @@ def test_the_report_is_one_self_contained_page_with_the_trials_curve(mnist5k, tm
 
 
 def test_a_full_run_scores_as_often_as_keeps_scoring_near_its_share_of_the_run():
-    # cpu.yaml's fast fidelity (16 images, rk4 x 7 = 28 NFE) and val_every 40: bigger batches, more frequent scores
+    # cpu.yaml's fast fidelity (16 images, multistep x 31 = 32 NFE) and val_every 40: bigger batches, more
+    # frequent scores
     cfg = config(
         train={"val_every": 40, "score_every": None},
-        eval={"fast": {"n_images": 16, "method": "rk4", "steps": 7}, "accurate": {"n_images": 32}},
+        eval={"fast": {"n_images": 16, "method": "multistep", "steps": 31}, "accurate": {"n_images": 32}},
     )
     intervals = {
         b: TrialConfig.from_dict({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "batch_size": b}}).score_interval
         for b in (32, 64, 128)
     }
-    assert intervals == {32: 1120, 64: 560, 128: 280}  # 4 x 16 x 28 / (batch x 5%), up to a multiple of 40
+    assert intervals == {32: 1280, 64: 640, 128: 320}  # 4 x 16 x 32 / (batch x 5%), up to a multiple of 40
     assert config(train={"score_every": 7}).score_interval == 7
 
 

@@ -261,11 +261,11 @@ class EvalConfig:
     estimator: str = "rademacher"  # Hutchinson probes: "rademacher" or "gaussian"; "exact" for tiny inputs
     seed: int = 0  # fixes the validation subset, the dequantization noise and the probes
     batch_size: int = 128  # images per ODE solve
-    # The logsnr frame. Fast: rk4 on 7 equal steps in lambda (28 NFE) reads 0.14-0.28 bits/dim low, by an amount
-    # that depends on the model (the multistep solver on 31 steps reads within 0.01; it replaces rk4 once the
-    # replay table is re-recorded with it). Accurate: the multistep solver on 63 steps (64 NFE) is within 0.005
-    # bits/dim of a 1e-7 solve on every config measured (bench/fidelity_bias.py, docs/metric.md).
-    fast: FidelityConfig = field(default_factory=lambda: FidelityConfig(n_images=64, method="rk4", steps=7))
+    # The logsnr frame and the exponential multistep solver (bench/fidelity_bias.py, docs/metric.md). Fast: 31
+    # steps (32 NFE), within 0.01 bits/dim of a 1e-7 solve on every config measured, where rk4 on 7 steps (28
+    # NFE, the fast default before) read 0.14-0.28 low by an amount that depends on the model. Accurate: 63
+    # steps (64 NFE), within 0.005.
+    fast: FidelityConfig = field(default_factory=lambda: FidelityConfig(n_images=64, method="multistep", steps=31))
     accurate: FidelityConfig = field(default_factory=lambda: FidelityConfig(n_images=500, method="multistep", steps=63))
 
     def check(self, path: str) -> None:
@@ -353,7 +353,7 @@ class TrialConfig:
     def score_interval(self) -> int:
         """Steps between a full run's val bits/dim scores: train.score_every, else the smallest multiple of
         train.val_every at which the estimated cost of a fast score is at most SCORE_SHARE of the training between
-        two scores (cpu.yaml's batch 128: every 280 steps; batch 32: every 1,120)."""
+        two scores (cpu.yaml's batch 128: every 320 steps; batch 32: every 1,280)."""
         train, fast = self.train, self.eval.fast
         if train.score_every:
             return train.score_every
