@@ -143,7 +143,7 @@ def _f(method: str, steps: int = 0, tol: float = 1e-3) -> FidelityConfig:
 
 
 # Variants of the multistep solver measured here (trials.likelihood._multistep_solve's settings); each is
-# registered in trials.likelihood.MULTISTEP_METHODS under its own name for this process only.
+# registered in trials.odesolve.MULTISTEP_METHODS under its own name for this process only.
 VARIANTS: dict[str, dict] = {
     # "multistep" as first built: equal steps from the data end on, the first ones of lower order and as long
     # as the rest. Its scores were recorded as multistepxN before the short start-up steps (ramp) were added.
@@ -181,10 +181,10 @@ DEFAULT_SETTINGS = ["rk4x7", "rk4x32", "rk4x128"]
 
 
 def register_variants() -> None:
-    from trials import likelihood
+    from trials.odesolve import MULTISTEP_METHODS
 
     for name, params in VARIANTS.items():
-        likelihood.MULTISTEP_METHODS.setdefault(name, params)
+        MULTISTEP_METHODS.setdefault(name, params)
 
 
 def load_model(path: Path):

@@ -50,6 +50,8 @@ def test_yaml_style_exponent_strings_are_numbers():
         ({"eval": {"accurate": {"method": "dopri5", "steps": 8}}}, "eval.accurate.steps: applies to fixed-step"),
         ({"sample": {"ode_frame": "lambda"}}, "sample.ode_frame"),
         ({"sample": {"ode_method": "rk4"}}, "sample.ode_method"),
+        ({"sample": {"ode_method": "multistep"}}, "sample.ode_steps"),  # a multistep method needs its steps
+        ({"sample": {"ode_method": "multistep", "ode_steps": 31, "ode_frame": "t"}}, "sample.ode_frame"),
         ({"train": {"device": "tpu"}}, "train.device"),
         ({"train": {"precision": "fp16"}}, "train.precision"),
         ({"train": 3}, "train: must be a mapping"),

@@ -17,7 +17,6 @@ from torch import nn
 from trials.config import MULTISTEP_METHODS as MULTISTEP_NAMES
 from trials.config import ConfigError, EvalConfig, FidelityConfig
 from trials.likelihood import (
-    MULTISTEP_METHODS,
     BPDResult,
     LikelihoodEvaluator,
     ODEFailure,
@@ -25,9 +24,14 @@ from trials.likelihood import (
     bpd_offset,
     draw_probes,
     log_likelihood,
-    multistep_grid,
 )
-from trials.odesolve import exponential_multistep, lagrange_integrals, quadrature_weights
+from trials.odesolve import (
+    MULTISTEP_METHODS,
+    exponential_multistep,
+    lagrange_integrals,
+    multistep_grid,
+    quadrature_weights,
+)
 from trials.sde import VPSDE, SubVPSDE, gaussian_logp, gaussian_marginal, gaussian_score
 
 SHAPE = (1, 4, 4)  # a 16-pixel "image"

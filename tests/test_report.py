@@ -108,10 +108,11 @@ def test_winner_ties_and_samples(built):
     assert set(summary["tied_with_winner"]) == overlapping == {WINNER}  # the recording's others are > 2 bits/dim worse
     assert "overlap" in summary["ties_note"]  # no paired differences in this recording: said so
     samples = summary["samples"]
-    assert samples["nfe"] > 0 and samples["rtol"] == samples["atol"] == 1e-3 and samples["n_images"] == 36
-    assert samples["step"] == FULL_LENGTH and samples["sampler"] == "probability-flow ODE"
+    # The multistep solver's cost is known in advance: steps + 1 evaluations, and one for the denoising step.
+    assert samples["method"] == "multistep" and samples["steps"] == 63 and samples["nfe"] == 63 + 1 + 1
+    assert samples["n_images"] == 36 and samples["step"] == FULL_LENGTH and samples["sampler"] == "probability-flow ODE"
     text = report.html.read_text()
-    assert f"NFE {samples['nfe']}" in text and "rtol 0.001" in text
+    assert f"NFE {samples['nfe']}" in text and "multistep, 63 steps" in text
 
 
 def test_samples_are_reused_while_the_checkpoint_is_unchanged(built, tmp_path):
@@ -132,6 +133,16 @@ def test_samples_are_reused_while_the_checkpoint_is_unchanged(built, tmp_path):
     fresh = rp.build_report(folder, sampler=fake)
     assert len(calls) == 1 and calls[0][0] == checkpoint.parent and calls[0][1] == rp.SAMPLE_SETTINGS
     assert fresh.summary["samples"]["nfe"] == 7
+
+
+def test_preview_refuses_a_method_it_cannot_sample_with_in_one_line(tmp_path, capsys):
+    from trials.preview import main as preview
+
+    checkpoint = next(copy_recorded(tmp_path).glob(f"run_trial_{WINNER}_*/checkpoint_000001"))
+    status = preview(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "grid.png"), "--method", "rk4"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1 and "preview.ode_method" in err and "rk4" in err
+    assert not (tmp_path / "grid.png").exists()
 
 
 def test_importance_is_omitted_with_the_reason_below_two_full_length_trials(tmp_path):

@@ -174,6 +174,36 @@ def test_ode_without_denoising_is_the_exact_affine_flow_map(frame):
     torch.testing.assert_close(x, mean_eps + std_eps / std_T * (x_T - mean_T), rtol=0, atol=1e-4)
 
 
+def test_multistep_ode_reproduces_the_exact_affine_flow_map_in_steps_plus_one_evaluations():
+    # The same closed form as above, reached by the likelihood's multistep solver run from T to eps: its cost is
+    # fixed in advance and its error falls fast with the steps (fourth order where the grid is even).
+    shape = (64, 1, 4, 4)
+    x_T = SDE.prior_sample(shape, generator=torch.Generator().manual_seed(3))
+    mean_eps, std_eps = gaussian_marginal(SDE, MEAN, STD, torch.tensor([EPS]))
+    mean_T, std_T = gaussian_marginal(SDE, MEAN, STD, torch.tensor([SDE.T]))
+    exact = mean_eps + std_eps / std_T * (x_T - mean_T)
+    errors = {}
+    for steps in (15, 63):
+        x, nfe = ode_sample(
+            exact_score(),
+            SDE,
+            shape,
+            eps=EPS,
+            method="multistep",
+            steps=steps,
+            denoise=False,
+            generator=torch.Generator().manual_seed(3),
+        )
+        assert nfe == steps + 1
+        errors[steps] = (x - exact).abs().max().item()
+    assert errors[63] < 1e-3 and errors[63] < errors[15] / 10
+
+
+def test_multistep_ode_integrates_the_logsnr_frame_only():
+    with pytest.raises(ValueError, match="logsnr frame"):
+        ode_sample(exact_score(), SDE, SHAPE, eps=EPS, method="multistep", steps=7, frame="t")
+
+
 def test_logsnr_frame_needs_fewer_evaluations_than_t_for_the_same_samples():
     # Data concentrated near a point (std 0.01) make frame t stiff near eps; in the logsnr frame the flow is
     # nearly a straight line. Same prior draw, same tolerance, samples agree; logsnr is cheaper.

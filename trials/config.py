@@ -30,7 +30,7 @@ ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "adaptive_heun", "fehlberg2")
 # Fixed-step torchdiffeq methods and their score evaluations per step: a fixed grid's NFE is known in advance.
 FIXED_STEP_STAGES = {"euler": 1, "midpoint": 2, "heun2": 2, "heun3": 3, "rk4": 4}
 FIXED_STEP_METHODS = tuple(FIXED_STEP_STAGES)
-# Exponential multistep methods of the logsnr frame (trials.likelihood.MULTISTEP_METHODS, whose keys a test keeps
+# Exponential multistep methods of the logsnr frame (trials.odesolve.MULTISTEP_METHODS, whose keys a test keeps
 # equal to these): the linear part of the ODE exactly, the network's part from one evaluation per step, reused
 # by the next steps and by the divergence; `steps` steps on a fixed grid in lambda, steps + 1 evaluations.
 MULTISTEP_METHODS = ("multistep",)
@@ -294,8 +294,9 @@ class SampleConfig:
     snr: float = 0.16  # Langevin step size by signal-to-noise ratio
     ode_rtol: float = 1e-5
     ode_atol: float = 1e-5
-    ode_method: str = "dopri5"  # an adaptive torchdiffeq method
+    ode_method: str = "dopri5"  # an adaptive torchdiffeq method, or a multistep one with `ode_steps`
     ode_frame: str = "logsnr"  # the probability-flow ODE's frame, as in eval (FidelityConfig.frame)
+    ode_steps: int = 0  # multistep methods only: steps from T to sampling_eps (steps + 1 evaluations)
     seed: int = 0
     # Grids drawn while a full run trains (as the seed's training script offers): every `every` steps (None:
     # only at the end), `every_images` images from `sampler` (a name of IMAGE_SAMPLER_NAMES, or "both").
@@ -315,13 +316,23 @@ class SampleConfig:
         _require(self.snr > 0, f"{path}.snr", f"must be > 0, got {self.snr}")
         _require(self.ode_rtol > 0 and self.ode_atol > 0, f"{path}.ode_rtol", "ode_rtol and ode_atol must be > 0")
         _require(
-            self.ode_method in ADAPTIVE_METHODS,
+            self.ode_method in ADAPTIVE_METHODS + MULTISTEP_METHODS,
             f"{path}.ode_method",
-            f"must be an adaptive torchdiffeq method ({', '.join(ADAPTIVE_METHODS)}), got {self.ode_method!r}",
+            f"must be an adaptive torchdiffeq method ({', '.join(ADAPTIVE_METHODS)}) or a multistep one "
+            f"({', '.join(MULTISTEP_METHODS)}), got {self.ode_method!r}",
         )
         _require(
             self.ode_frame in FRAMES, f"{path}.ode_frame", f"must be one of {', '.join(FRAMES)}, got {self.ode_frame!r}"
         )
+        if self.ode_method in MULTISTEP_METHODS:
+            _require(
+                self.ode_steps >= 1, f"{path}.ode_steps", f"must be >= 1 for {self.ode_method}, got {self.ode_steps}"
+            )
+            _require(
+                self.ode_frame == "logsnr",
+                f"{path}.ode_frame",
+                f"must be 'logsnr' for {self.ode_method} (it integrates the logsnr frame), got {self.ode_frame!r}",
+            )
         _require(
             self.every is None or self.every >= 1,
             f"{path}.every",

@@ -45,12 +45,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from trials.config import ADAPTIVE_METHODS, FIXED_STEP_METHODS, ConfigError, EvalConfig, FidelityConfig
 from trials.data import to_model_space
-from trials.odesolve import ODEFailure, exponential_multistep, quadrature_weights, solve
+from trials.odesolve import (
+    MULTISTEP_METHODS,
+    ODEFailure,
+    exponential_multistep,
+    multistep_grid,
+    quadrature_weights,
+    solve,
+)
 from trials.sde import SDE, FlowFrame, ScoreFn
 
 # The uniform density on the data range scores exactly this many bits/dim in either scaling; a model
@@ -61,18 +67,6 @@ UNIFORM_BPD = 8.0
 # tolerance; a model that makes the ODE stiff would otherwise keep a trial busy for hours, shrinking its
 # step size without ever failing.
 DEFAULT_MAX_NFE = 5000
-
-# The multistep methods of FidelityConfig.method (trials.config.MULTISTEP_METHODS) and their settings of
-# `_multistep_solve`. "multistep": the order-3 exponential Adams-Bashforth step with its Adams-Moulton
-# corrector (fourth order), noise prediction, a 4-point divergence quadrature, equal steps in lambda except
-# the first, which is split into 4 short ones (ramp 3). The first steps have no earlier evaluations to reuse,
-# so they are of order 1 and 2; on models trained 800 steps scored from sampling_eps 1e-3, equal steps left
-# 0.08 bits/dim of error there at 32 evaluations, the short ones 0.009 (bench/fidelity_bias.py, docs/metric.md).
-# The other variants measured there (order 2 and 4, no corrector, data prediction, warped grids, other
-# quadratures) did no better.
-MULTISTEP_METHODS: dict[str, dict[str, Any]] = {
-    "multistep": {"order": 3, "corrector": True, "ramp": 3},
-}
 
 # |x| beyond which a non-finite score is blamed on the ODE state rather than on the model.
 STATE_BLOWUP = 1e6
@@ -242,28 +236,6 @@ def log_likelihood(
             f"non-finite log-likelihood after the ODE ({dynamics.nfe} evaluations): the state blew up", dynamics.nfe
         )
     return logp, z, dynamics.nfe
-
-
-def multistep_grid(tau0: float, tau1: float, steps: int, warp: float = 0.0, ramp: int = 0) -> np.ndarray:
-    """The nodes of a multistep solve in lambda: `steps` steps from tau0 (the data end) to tau1.
-
-    Equal steps when warp = 0; otherwise equal steps in u with lambda = tau0 + (tau1 - tau0) (e^(warp u) - 1) /
-    (e^warp - 1), u in [0, 1]: a step grows by the factor e^(warp / steps) from one to the next, so warp > 0
-    puts the short steps at the data end. `ramp` > 0 lays out steps - ramp such steps and splits the first
-    into ramp + 1 steps that double in length (h/15, 2h/15, 4h/15, 8h/15 for ramp 3): the solver's first
-    steps have no earlier evaluations to reuse and are of lower order, so they are kept short.
-    """
-    ramp = min(ramp, steps - 1)
-    u = np.linspace(0.0, 1.0, steps - ramp + 1)
-    if warp != 0.0:
-        u = np.expm1(warp * u) / math.expm1(warp)
-    grid = tau0 + (tau1 - tau0) * u
-    if ramp > 0:
-        lengths = 2.0 ** np.arange(ramp + 1) / (2.0 ** (ramp + 1) - 1)  # of the first step; they sum to 1
-        head = grid[0] + (grid[1] - grid[0]) * np.cumsum(lengths[:-1])
-        grid = np.concatenate([grid[:1], head, grid[1:]])
-    grid[-1] = tau1
-    return grid
 
 
 def _multistep_solve(

@@ -5,8 +5,9 @@ Both samplers start from the prior N(0, I) at t = T and run time backwards to t 
   pc_sample   Euler-Maruyama steps of the reverse SDE  dx = [f(x, t) - g(t)^2 score(x, t)] dt + g(t) dw_bar
               (the predictor), each preceded by Langevin MCMC steps that pull x towards p_t (the corrector).
   ode_sample  the probability-flow ODE  dx/dt = f(x, t) - 1/2 g(t)^2 score(x, t), integrated by an adaptive
-              torchdiffeq solver (by default in the logsnr frame of trials.sde) and ended with a denoising
-              step; deterministic given the prior draw, and it reports its function evaluations.
+              torchdiffeq solver (by default in the logsnr frame of trials.sde) or by the exponential
+              multistep solver of the logsnr frame on a fixed number of steps (trials.odesolve), and ended
+              with a denoising step; deterministic given the prior draw, and it reports its evaluations.
 
 `score(x, t)` is any callable with t of shape (B,): a network wrapped by `trials.model.score_fn` (put it
 in eval mode first), or the closed-form `trials.sde.gaussian_score` that the tests use. The functions here
@@ -26,8 +27,9 @@ from typing import Any
 
 import torch
 
-from trials.config import SampleConfig
-from trials.odesolve import solve
+from trials.config import MULTISTEP_METHODS, SampleConfig
+from trials.odesolve import MULTISTEP_METHODS as MULTISTEP_SETTINGS
+from trials.odesolve import exponential_multistep, multistep_grid, solve
 from trials.progress import Progress
 from trials.sde import SDE, FlowFrame, ScoreFn, per_sample
 
@@ -159,6 +161,7 @@ def ode_sample(
     atol: float = 1e-5,
     method: str = "dopri5",
     frame: str = "logsnr",
+    steps: int = 0,
     denoise: bool = True,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
@@ -166,8 +169,10 @@ def ode_sample(
     """Integrate the probability-flow ODE from a prior draw at T back to eps; returns (x, nfe).
 
     `frame` "logsnr" integrates dx/dlambda = -sigma^2 x + sigma eps_theta in lambda = log(sigma / alpha)
-    (trials.sde), "t" the ODE in the SDE's time; `method` is an adaptive torchdiffeq solver (dopri5, bosh3, ...), whose error
-    control is over the whole batch, so all images share the step sizes. With `denoise` the result is the
+    (trials.sde), "t" the ODE in the SDE's time. `method` is an adaptive torchdiffeq solver (dopri5, bosh3,
+    ...), whose error control is over the whole batch, so all images share the step sizes; or a multistep
+    one (frame logsnr only), which takes `steps` steps for steps + 1 evaluations, whatever the model. With
+    `denoise` the result is the
     posterior mean E[x_0 | x_eps] = (x_eps + sigma^2 score) / alpha, one more score evaluation: what is left
     of the noise at eps (and of an under-trained score's errors) would otherwise speckle the images.
     nfe counts every score evaluation, rejected steps and the denoising one included: it is the cost of
@@ -179,14 +184,51 @@ def ode_sample(
     flow = FlowFrame(sde, frame)
     field = _ProbabilityFlow(score, flow)
     tau_T, tau_eps = flow.clock(sde.T), flow.clock(eps)
-    # An adaptive solver steps past its end point and interpolates back; past eps frame t would evaluate the
-    # SDE at t < 0, where sigma(t) is not real. land_on_end makes the last step end exactly on eps instead.
-    x = solve(field, x_T, tau_T, tau_eps, method=method, rtol=rtol, atol=atol, land_on_end=True)
+    if method in MULTISTEP_METHODS:
+        x = _multistep_sample(field, x_T, tau_eps, tau_T, steps, **MULTISTEP_SETTINGS[method])
+    else:
+        # An adaptive solver steps past its end point and interpolates back; past eps frame t would evaluate
+        # the SDE at t < 0, where sigma(t) is not real. land_on_end makes the last step end exactly on eps.
+        x = solve(field, x_T, tau_T, tau_eps, method=method, rtol=rtol, atol=atol, land_on_end=True)
     if denoise:
         t = torch.full((shape[0],), eps, dtype=x.dtype, device=x.device)
         x = sde.denoise(x, t, score(x, t))
         field.nfe += 1
     return x, field.nfe
+
+
+def _multistep_sample(
+    field: _ProbabilityFlow,
+    x_T: torch.Tensor,
+    tau_eps: float,
+    tau_T: float,
+    steps: int,
+    *,
+    order: int,
+    corrector: bool = True,
+    prediction: str = "noise",
+    warp: float = 0.0,
+    ramp: int = 0,
+    **_likelihood_only: Any,
+) -> torch.Tensor:
+    """x at eps by trials.odesolve.exponential_multistep: the likelihood's grid, run from T to eps."""
+    if field.frame.name != "logsnr":
+        raise ValueError(f"multistep methods integrate the logsnr frame, got frame {field.frame.name!r}")
+    if steps < 1:
+        raise ValueError(f"multistep methods need steps >= 1, got {steps}")
+    grid = multistep_grid(tau_eps, tau_T, steps, warp, ramp)[::-1].copy()
+    alpha, sigma = field.frame.sde.scale_and_std_at(torch.tensor(grid, dtype=torch.float64))
+    log_alpha, log_sigma = torch.log(alpha).numpy(), torch.log(sigma).numpy()
+    lam = torch.tensor(grid, dtype=torch.float64, device=x_T.device)
+
+    def network(i: int, x: torch.Tensor) -> torch.Tensor:
+        field.nfe += 1
+        _, part, _ = field.frame.velocity(field.score, x, lam[i])
+        return part / math.exp(log_sigma[i])  # eps_theta: the network's part is sigma eps_theta
+
+    return exponential_multistep(
+        network, x_T, grid, log_alpha, log_sigma, order=order, prediction=prediction, corrector=corrector
+    )
 
 
 # ---- one shape for every sampler ------------------------------------------------------------------------------
@@ -298,10 +340,16 @@ def draw_ode(
         atol=sample.ode_atol,
         method=sample.ode_method,
         frame=sample.ode_frame,
+        steps=sample.ode_steps,
         generator=generator,
         device=device,
     )
     return Samples(x, nfe)
+
+
+def _ode_settings(sc: SampleConfig) -> dict[str, Any]:
+    how = {"steps": sc.ode_steps} if sc.ode_method in MULTISTEP_METHODS else {"rtol": sc.ode_rtol, "atol": sc.ode_atol}
+    return {**how, "method": sc.ode_method, "frame": sc.ode_frame, "denoise": True}
 
 
 IMAGE_SAMPLERS: dict[str, Sampler] = {
@@ -316,16 +364,10 @@ IMAGE_SAMPLERS: dict[str, Sampler] = {
         ),
         Sampler(
             "ode",
-            "probability-flow ODE (adaptive solver, logsnr frame by default) + a denoising step",
+            "probability-flow ODE (adaptive or multistep solver, logsnr frame by default) + a denoising step",
             draw_ode,
-            lambda sc: {
-                "rtol": sc.ode_rtol,
-                "atol": sc.ode_atol,
-                "method": sc.ode_method,
-                "frame": sc.ode_frame,
-                "denoise": True,
-            },
-            None,  # adaptive: the solver picks its steps
+            _ode_settings,
+            None,  # an adaptive solver picks its steps; a multistep one's are `ode_steps`, in the settings
         ),
     )
 }

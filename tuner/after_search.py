@@ -73,7 +73,8 @@ def write_report(experiment_dir: Path, space: SearchSpace, gpus: float, tracker:
         out.write_bytes(info.pop("png"))
         return info
 
-    print(f"\nWriting the report (the winner's samples: ODE, rtol {SAMPLE_SETTINGS['rtol']:g}) ...", flush=True)
+    how = f"ODE, {SAMPLE_SETTINGS['method']} {SAMPLE_SETTINGS['steps']} steps"
+    print(f"\nWriting the report (the winner's samples: {how}) ...", flush=True)
     try:
         report = build_report(experiment_dir, space, sampler=ray_sampler)
     except Exception as exc:  # noqa: BLE001 - any bug in a figure must not cost the finished search

@@ -20,7 +20,7 @@ and writes <experiment>/report/:
                          the trials that reached the full length (omitted, with the reason, below two)
   hyperparameters.png    each hyperparameter against the final val bits/dim (log axes for log ranges)
   rescores.png           the accurate re-scores with their standard errors, and which tie with the winner
-  samples.png            the winner's samples: probability-flow ODE at a loose tolerance from its checkpoint
+  samples.png            the winner's samples: probability-flow ODE on a short fixed grid, from its checkpoint
   report.json            the numbers behind the page (importance and the trials it used, ties, samples)
 
 The driver side never builds a model, so the sample grid comes from trial-side code: a Ray task during
