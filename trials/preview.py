@@ -1,9 +1,10 @@
 """A quick look at a checkpoint: a grid of samples from the probability-flow ODE on a short fixed grid.
 
 This is the winner's picture in the experiment report. By default it solves the ODE with the likelihood's
-multistep solver on 63 steps (64 score evaluations, the accurate fidelity's setting): on a tuning-sized
-model its grid matches one drawn at rtol = 1e-5 as closely as dopri5 at rtol = 1e-3 does (RMS 0.03 against
-0.02 on a [-1, 1] scale), at 65 evaluations where dopri5 took 159, so a 6 x 6 grid costs seconds on a CPU.
+multistep solver on 63 steps (the accurate fidelity's setting: 64 score evaluations, and one more for the
+denoising step). On a tuning-sized model its grid matches one drawn at rtol = 1e-5 as closely as dopri5 at
+rtol = 1e-3 does (RMS 0.03 against 0.02 on a [-1, 1] scale) for 65 evaluations where dopri5 took 159, so a
+6 x 6 grid costs seconds on a CPU (docs/benchmarks.md, the main job).
 `--method dopri5` (with --rtol, --atol) draws it the adaptive way. It draws through
 `trials.sampling.IMAGE_SAMPLERS["ode"]`: the same sampler the full run uses.
 

@@ -27,9 +27,8 @@ from typing import Any
 
 import torch
 
-from trials.config import MULTISTEP_METHODS, SampleConfig
-from trials.odesolve import MULTISTEP_METHODS as MULTISTEP_SETTINGS
-from trials.odesolve import exponential_multistep, multistep_grid, solve
+from trials.config import SampleConfig
+from trials.odesolve import MULTISTEP_METHODS, exponential_multistep, multistep_grid, solve
 from trials.progress import Progress
 from trials.sde import SDE, FlowFrame, ScoreFn, per_sample
 
@@ -171,10 +170,10 @@ def ode_sample(
     `frame` "logsnr" integrates dx/dlambda = -sigma^2 x + sigma eps_theta in lambda = log(sigma / alpha)
     (trials.sde), "t" the ODE in the SDE's time. `method` is an adaptive torchdiffeq solver (dopri5, bosh3,
     ...), whose error control is over the whole batch, so all images share the step sizes; or a multistep
-    one (frame logsnr only), which takes `steps` steps for steps + 1 evaluations, whatever the model. With
-    `denoise` the result is the
-    posterior mean E[x_0 | x_eps] = (x_eps + sigma^2 score) / alpha, one more score evaluation: what is left
-    of the noise at eps (and of an under-trained score's errors) would otherwise speckle the images.
+    one (frame logsnr only), which takes `steps` steps for steps + 1 evaluations, whatever the model.
+    With `denoise` the result is the posterior mean E[x_0 | x_eps] = (x_eps + sigma^2 score) / alpha, one
+    more score evaluation: what is left of the noise at eps (and of an under-trained score's errors) would
+    otherwise speckle the images.
     nfe counts every score evaluation, rejected steps and the denoising one included: it is the cost of
     the sample. Raises trials.odesolve.ODEFailure when the solver gives up.
     """
@@ -185,7 +184,7 @@ def ode_sample(
     field = _ProbabilityFlow(score, flow)
     tau_T, tau_eps = flow.clock(sde.T), flow.clock(eps)
     if method in MULTISTEP_METHODS:
-        x = _multistep_sample(field, x_T, tau_eps, tau_T, steps, **MULTISTEP_SETTINGS[method])
+        x = _multistep_sample(field, x_T, tau_eps, tau_T, steps, **MULTISTEP_METHODS[method])
     else:
         # An adaptive solver steps past its end point and interpolates back; past eps frame t would evaluate
         # the SDE at t < 0, where sigma(t) is not real. land_on_end makes the last step end exactly on eps.
