@@ -52,7 +52,7 @@ from trials.data import to_model_space
 from trials.odesolve import (
     MULTISTEP_METHODS,
     ODEFailure,
-    exponential_multistep,
+    multistep_flow,
     multistep_grid,
     quadrature_weights,
     solve,
@@ -259,26 +259,17 @@ def _multistep_solve(
     the divergence there; the divergence integral is a quadrature of `quadrature` points per interval over
     those nodes (it does not feed back into the state, so the rule may look ahead).
     """
-    if flow.name != "logsnr":
-        raise ValueError(f"multistep methods integrate the logsnr frame, got frame {flow.name!r}")
-    if steps < 1:
-        raise ValueError(f"multistep methods need steps >= 1, got {steps}")
     grid = multistep_grid(tau0, tau1, steps, warp, ramp)
-    alpha, sigma = flow.sde.scale_and_std_at(torch.tensor(grid, dtype=torch.float64))
-    log_alpha, log_sigma = torch.log(alpha).numpy(), torch.log(sigma).numpy()
-    lam = torch.tensor(grid, dtype=torch.float64, device=x.device)
     weights = quadrature_weights(grid, quadrature)
     delta_logp = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
 
-    def network(i: int, state: torch.Tensor) -> torch.Tensor:
+    def part_at(i: int, lam: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         nonlocal delta_logp
-        _, part, div = dynamics.evaluate(lam[i], state)
+        _, part, div = dynamics.evaluate(lam, state)
         delta_logp = delta_logp + float(weights[i]) * div.double()
-        return part / math.exp(log_sigma[i])  # eps_theta: the network's part is sigma eps_theta
+        return part
 
-    z = exponential_multistep(
-        network, x, grid, log_alpha, log_sigma, order=order, prediction=prediction, corrector=corrector
-    )
+    z = multistep_flow(flow, part_at, x, grid, order=order, prediction=prediction, corrector=corrector)
     return z, delta_logp.to(x.dtype)
 
 

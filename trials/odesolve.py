@@ -18,7 +18,8 @@ one exception type with a readable message.
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ from torchdiffeq import odeint
 
 from trials.cli import first_line
 from trials.config import ADAPTIVE_METHODS, FIXED_STEP_METHODS
+
+if TYPE_CHECKING:
+    from trials.sde import FlowFrame
 
 
 class ODEFailure(RuntimeError):
@@ -209,6 +213,8 @@ def multistep_grid(tau0: float, tau1: float, steps: int, warp: float = 0.0, ramp
     into ramp + 1 steps that double in length (h/15, 2h/15, 4h/15, 8h/15 for ramp 3): the solver's first
     steps have no earlier evaluations to reuse and are of lower order, so they are kept short.
     """
+    if steps < 1:
+        raise ValueError(f"multistep methods need steps >= 1, got {steps}")
     ramp = min(ramp, steps - 1)
     u = np.linspace(0.0, 1.0, steps - ramp + 1)
     if warp != 0.0:
@@ -220,3 +226,31 @@ def multistep_grid(tau0: float, tau1: float, steps: int, warp: float = 0.0, ramp
         grid = np.concatenate([grid[:1], head, grid[1:]])
     grid[-1] = tau1
     return grid
+
+
+def multistep_flow(
+    frame: FlowFrame,
+    part_at: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
+    x0: torch.Tensor,
+    grid: np.ndarray,
+    *,
+    order: int,
+    prediction: str = "noise",
+    corrector: bool = True,
+) -> torch.Tensor:
+    """x at grid[-1] of the probability-flow ODE in the logsnr frame, from x0 at grid[0], by
+    `exponential_multistep`: the schedule at the nodes from `frame.sde`, and eps_theta from `part_at(i, lam, x)`,
+    the network's part of the velocity (sigma eps_theta) at node i, called once per node in order. The
+    likelihood runs it from the data end with its divergence recorded at each node; the sampler the other way."""
+    if frame.name != "logsnr":
+        raise ValueError(f"multistep methods integrate the logsnr frame, got frame {frame.name!r}")
+    alpha, sigma = frame.sde.scale_and_std_at(torch.tensor(grid, dtype=torch.float64))
+    log_alpha, log_sigma = torch.log(alpha).numpy(), torch.log(sigma).numpy()
+    lam = torch.tensor(grid, dtype=torch.float64, device=x0.device)
+
+    def network(i: int, x: torch.Tensor) -> torch.Tensor:
+        return part_at(i, lam[i], x) / math.exp(log_sigma[i])
+
+    return exponential_multistep(
+        network, x0, grid, log_alpha, log_sigma, order=order, prediction=prediction, corrector=corrector
+    )

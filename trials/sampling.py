@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from trials.config import SampleConfig
-from trials.odesolve import MULTISTEP_METHODS, exponential_multistep, multistep_grid, solve
+from trials.odesolve import MULTISTEP_METHODS, multistep_flow, multistep_grid, solve
 from trials.progress import Progress
 from trials.sde import SDE, FlowFrame, ScoreFn, per_sample
 
@@ -210,24 +210,14 @@ def _multistep_sample(
     ramp: int = 0,
     **_likelihood_only: Any,
 ) -> torch.Tensor:
-    """x at eps by trials.odesolve.exponential_multistep: the likelihood's grid, run from T to eps."""
-    if field.frame.name != "logsnr":
-        raise ValueError(f"multistep methods integrate the logsnr frame, got frame {field.frame.name!r}")
-    if steps < 1:
-        raise ValueError(f"multistep methods need steps >= 1, got {steps}")
+    """x at eps by trials.odesolve.multistep_flow: the likelihood's grid, run from T to eps."""
     grid = multistep_grid(tau_eps, tau_T, steps, warp, ramp)[::-1].copy()
-    alpha, sigma = field.frame.sde.scale_and_std_at(torch.tensor(grid, dtype=torch.float64))
-    log_alpha, log_sigma = torch.log(alpha).numpy(), torch.log(sigma).numpy()
-    lam = torch.tensor(grid, dtype=torch.float64, device=x_T.device)
 
-    def network(i: int, x: torch.Tensor) -> torch.Tensor:
+    def part_at(i: int, lam: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         field.nfe += 1
-        _, part, _ = field.frame.velocity(field.score, x, lam[i])
-        return part / math.exp(log_sigma[i])  # eps_theta: the network's part is sigma eps_theta
+        return field.frame.velocity(field.score, x, lam)[1]
 
-    return exponential_multistep(
-        network, x_T, grid, log_alpha, log_sigma, order=order, prediction=prediction, corrector=corrector
-    )
+    return multistep_flow(field.frame, part_at, x_T, grid, order=order, prediction=prediction, corrector=corrector)
 
 
 # ---- one shape for every sampler ------------------------------------------------------------------------------
